@@ -1,0 +1,108 @@
+"""The shard manifest `_info.json`: the contract between the shard stage and every reader.
+
+timm's webdataset reader (`timm/data/readers/reader_wds.py`) accepts it as is: it reads
+`splits.<split>.{name, num_samples, filenames, shard_lengths}`. We add, per split, the sha256 of
+every shard and the skipped-input count, and at the top the class names and the shard recipe.
+
+    {
+      "format": "nfnet-pipeline/shards/1",
+      "num_classes": 5, "class_names": ["0", "1", ...],
+      "keys": {"image": "jpg", "label": "cls", "meta": "json"},
+      "recipe": {...the shard section...},
+      "splits": {
+        "train": {"name": "train", "num_samples": 1000,
+                  "filenames": ["train-000000.tar", ...], "shard_lengths": [256, ...],
+                  "sha256": ["...", ...], "skipped": 0}
+      }
+    }
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.recipe import atomic_write_text
+
+MANIFEST_NAME = "_info.json"
+FORMAT = "nfnet-pipeline/shards/1"
+
+
+class ManifestError(ValueError):
+    """The manifest or a shard does not match; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of a sharded dataset, with absolute shard paths (or URLs)."""
+    name: str
+    urls: tuple[str, ...]
+    shard_lengths: tuple[int, ...]
+    sha256: tuple[str, ...]
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_lengths)
+
+
+def manifest_path(root: str | os.PathLike) -> Path:
+    return Path(root) / MANIFEST_NAME
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    path = manifest_path(root)
+    if not path.is_file():
+        raise ManifestError(f"no shard manifest at {path}: run the shard stage first "
+                            f"(python stages/shard.py --recipe <recipe> --source <images> --out {root})")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path} is not valid JSON ({e}); re-run the shard stage") from None
+    if "splits" not in info:
+        raise ManifestError(f"{path} has no 'splits'; it was not written by the shard stage")
+    return info
+
+
+def load_split(root: str | os.PathLike, split: str) -> SplitInfo:
+    """The named split of the shards at `root`, with its shard paths checked to exist."""
+    info = read_manifest(root)
+    if split not in info["splits"]:
+        raise ManifestError(f"split '{split}' is not in {manifest_path(root)}; it has: "
+                            f"{', '.join(info['splits'])}")
+    s = info["splits"][split]
+    root_str = str(root)
+    urls = []
+    for name in s["filenames"]:
+        url = name if "://" in name or name.startswith("pipe:") else os.path.join(root_str, name)
+        if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url):
+            raise ManifestError(f"shard {url} listed in {manifest_path(root)} is missing; "
+                                f"re-run the shard stage (it reuses shards that are intact)")
+        urls.append(url)
+    lengths = tuple(int(n) for n in s["shard_lengths"])
+    if len(lengths) != len(urls) or sum(lengths) != int(s["num_samples"]):
+        raise ManifestError(f"{manifest_path(root)}: split '{split}' has inconsistent "
+                            f"num_samples / shard_lengths / filenames")
+    class_names = tuple(info.get("class_names") or ())
+    num_classes = int(info.get("num_classes") or len(class_names))
+    return SplitInfo(split, tuple(urls), lengths, tuple(s.get("sha256") or ()), num_classes,
+                     class_names)
+
+
+def write_manifest(root: str | os.PathLike, info: dict[str, Any]) -> Path:
+    info = {"format": FORMAT, **info}
+    path = manifest_path(root)
+    atomic_write_text(path, json.dumps(info, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

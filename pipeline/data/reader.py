@@ -1,0 +1,348 @@
+"""Reading shards for training: every sample once per epoch, equal work per rank, exact resume.
+
+webdataset's own pipeline splits shards by node before shuffling and has no mid-epoch resume, so
+the order is defined here and webdataset only reads the tars.
+
+The epoch order. For epoch e the shards are permuted with a seed shared by all ranks; that gives a
+"position" for every sample. Positions are cut into blocks of `shuffle_block` samples and each
+block is permuted (seeded by epoch and block), which gives the epoch *order*: a list of positions.
+The order is cut into S streams of L = N // S samples (the last N - S*L < S samples of the order are
+not used this epoch; a different few each epoch, since the shard order changes).
+
+Streams and batches. Stream s reads its piece of the order sequentially (only the blocks it owns,
+so no tar is read twice), and continues into the next epoch's piece when it ends. Each micro-step
+takes one sub-batch of `sub_batch` samples from *every* stream: the global micro-batch is the
+union of the streams' sub-batches, whichever rank or dataloader worker reads each stream. A rank
+owns S / world streams, a worker S / (world * workers) of them; a rank's micro-batch is one fetch
+from each of its workers. So:
+- each rank gets the same number of batches (streams are endless and in lockstep);
+- 1 process x batch 2b (2 workers) and 2 processes x batch b (1 worker) see the same global
+  batches when S is the same, so their weights agree (tests/test_distributed.py);
+- a cursor (epoch, samples consumed per stream) resumes the exact sequence when S is unchanged,
+  whatever the number of processes. When S changes, the unseen rest of the epoch is pooled and
+  re-split over the new streams: no sample is repeated or skipped (beyond fewer than S of the
+  remainder), then epochs continue with the new layout.
+Augmentation randomness is seeded per sample from (seed, epoch, order index), so an image is
+transformed identically whichever worker reads it, before or after a resume.
+"""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.manifest import SplitInfo
+
+
+# ------------------------------------------------------------------------------------------------
+# The epoch order
+# ------------------------------------------------------------------------------------------------
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards)
+
+
+def block_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, block, 0xB10C]).permutation(size)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Per-sample augmentation seed: independent of which worker or rank reads the sample."""
+    return int(np.random.default_rng([seed, epoch, index, 0xA06]).integers(2**31))
+
+
+def open_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar (local path, `pipe:` command or URL) as dicts of raw bytes."""
+    stream = wds.tariterators.url_opener([dict(url=url)])
+    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(stream))
+
+
+class PositionReader:
+    """Reads raw samples by position in one epoch's shard order, sequentially.
+
+    Consecutive reads continue the open tar; a jump reopens the shard and skips to the offset.
+    """
+
+    def __init__(self, split: SplitInfo, order: np.ndarray):
+        self.urls = [split.urls[i] for i in order]
+        self.starts = np.concatenate([[0], np.cumsum([split.shard_lengths[i] for i in order])])
+        self._it: Optional[Iterator[dict]] = None
+        self._next = -1
+        self._shard = -1
+
+    def read(self, p0: int, p1: int) -> list[dict[str, Any]]:
+        out = []
+        if p0 != self._next:
+            self._seek(p0)
+        while self._next < p1:
+            if self._next >= self.starts[self._shard + 1]:
+                self._open(self._shard + 1)
+            try:
+                sample = next(self._it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"shard {self.urls[self._shard]} ended early: the manifest says "
+                    f"{self.starts[self._shard + 1] - self.starts[self._shard]} samples. "
+                    f"Check it with `python stages/shard.py --verify`") from None
+            out.append(sample)
+            self._next += 1
+        return out
+
+    def _open(self, shard: int) -> None:
+        self._shard = shard
+        self._it = open_shard(self.urls[shard])
+
+    def _seek(self, p: int) -> None:
+        shard = int(np.searchsorted(self.starts, p, side="right") - 1)
+        self._open(shard)
+        self._next = int(self.starts[shard])
+        for _ in range(p - self._next):        # skip within the shard (reads, does not decode)
+            next(self._it)
+        self._next = p
+
+
+def iter_order(split: SplitInfo, seed: int, epoch: int, block: int,
+               segments: list[tuple[int, int]]) -> Iterator[tuple[int, dict]]:
+    """(order index, raw sample) for the order ranges `segments` of `epoch`, in order."""
+    n = split.num_samples
+    reader = PositionReader(split, shard_order(len(split.urls), seed, epoch))
+    for a, b in segments:
+        q = a
+        while q < b:
+            k = q // block
+            lo, hi = k * block, min(k * block + block, n)
+            raw = reader.read(lo, hi)
+            perm = block_permutation(seed, epoch, k, hi - lo)
+            for j in range(q - lo, min(b, hi) - lo):
+                yield lo + j, raw[perm[j]]
+            q = min(b, hi)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streams and the cursor
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Cursor:
+    """Where every stream is: `offset` samples into its piece of `epoch`'s order.
+
+    `segments` (per stream, for `epoch` only) is set after an elastic re-split; otherwise stream s
+    owns order range [s * L, (s + 1) * L) with L = num_samples // num_streams.
+    """
+    epoch: int = 0
+    offset: int = 0
+    num_streams: int = 0
+    segments: Optional[list[list[tuple[int, int]]]] = None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Cursor":
+        segs = state.get("segments")
+        if segs is not None:
+            segs = [[(int(a), int(b)) for a, b in s] for s in segs]
+        return cls(int(state["epoch"]), int(state["offset"]), int(state["num_streams"]), segs)
+
+
+def stream_segments(num_samples: int, num_streams: int, stream: int) -> list[tuple[int, int]]:
+    length = num_samples // num_streams
+    return [(stream * length, (stream + 1) * length)]
+
+
+def _segment_len(segs: list[tuple[int, int]]) -> int:
+    return sum(b - a for a, b in segs)
+
+
+def _drop_prefix(segs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    out = []
+    for a, b in segs:
+        take = min(n, b - a)
+        n -= take
+        if a + take < b:
+            out.append((a + take, b))
+    return out
+
+
+def rescale_cursor(cursor: Cursor, num_samples: int, num_streams: int) -> Cursor:
+    """Re-split the rest of the cursor's epoch over `num_streams` streams (elastic resume)."""
+    if cursor.num_streams == num_streams:
+        return cursor
+    old = cursor.segments or [stream_segments(num_samples, cursor.num_streams, s)
+                              for s in range(cursor.num_streams)]
+    rest = [seg for s in old for seg in _drop_prefix(s, cursor.offset)]
+    each = _segment_len(rest) // num_streams
+    new, pos = [], 0
+    for _ in range(num_streams):                  # cut the pooled rest into equal pieces
+        new.append(_drop_prefix(_take_prefix(rest, pos + each), pos))
+        pos += each
+    return Cursor(cursor.epoch, 0, num_streams, new)
+
+
+def _take_prefix(segs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    out = []
+    for a, b in segs:
+        if n <= 0:
+            break
+        take = min(n, b - a)
+        out.append((a, a + take))
+        n -= take
+    return out
+
+
+def advance(cursor: Cursor, num_samples: int, samples: int) -> Cursor:
+    """The cursor after every stream has consumed `samples` more samples."""
+    epoch, offset, segments = cursor.epoch, cursor.offset + samples, cursor.segments
+    while True:
+        length = (_segment_len(segments[0]) if segments is not None
+                  else num_samples // cursor.num_streams)
+        if offset < length:
+            return Cursor(epoch, offset, cursor.num_streams, segments)
+        offset -= length
+        epoch, segments = epoch + 1, None
+
+
+def stream_samples(split: SplitInfo, seed: int, block: int, stream: int,
+                   cursor: Cursor) -> Iterator[tuple[int, int, dict]]:
+    """Endless (epoch, order index, raw sample) of one stream from the cursor on."""
+    epoch, offset, segments = cursor.epoch, cursor.offset, cursor.segments
+    while True:
+        segs = segments[stream] if segments is not None else stream_segments(
+            split.num_samples, cursor.num_streams, stream)
+        for idx, raw in iter_order(split, seed, epoch, block, _drop_prefix(segs, offset)):
+            yield epoch, idx, raw
+        epoch, offset, segments = epoch + 1, 0, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets for the DataLoader
+# ------------------------------------------------------------------------------------------------
+
+def decode_sample(raw: dict) -> tuple[Image.Image, int]:
+    key = raw.get("__key__", "?")
+    try:
+        img = Image.open(io.BytesIO(raw["jpg"]))
+        img = img.convert("RGB")
+        label = int(raw["cls"])
+    except Exception as e:
+        raise RuntimeError(f"sample {key} in {raw.get('__url__', '?')} cannot be decoded ({e}); "
+                           f"check the shards with `python stages/shard.py --verify`") from e
+    return img, label
+
+
+def _to_batch(images: list, labels: list, keys: list, index: list) -> dict:
+    return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
+            "key": keys, "index": torch.tensor(index, dtype=torch.long)}
+
+
+class TrainStreams(IterableDataset):
+    """One rank's share of the streams; worker k yields sub-batches of its streams in lockstep."""
+
+    def __init__(self, split: SplitInfo, transform: Callable, *, seed: int, block: int,
+                 cursor: Cursor, rank: int, world: int, workers: int, sub_batch: int):
+        self.split, self.transform = split, transform
+        self.seed, self.block, self.cursor = seed, block, cursor
+        self.rank, self.world, self.workers, self.sub_batch = rank, world, max(1, workers), sub_batch
+        per_rank = cursor.num_streams // world
+        self.per_worker = per_rank // self.workers
+
+    def streams_of_worker(self, worker: int) -> list[int]:
+        first = self.rank * self.per_worker * self.workers + worker * self.per_worker
+        return list(range(first, first + self.per_worker))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        its = [stream_samples(self.split, self.seed, self.block, s, self.cursor)
+               for s in self.streams_of_worker(worker)]
+        while True:
+            images, labels, keys, index = [], [], [], []
+            for it in its:
+                for _ in range(self.sub_batch):
+                    epoch, idx, raw = next(it)
+                    img, label = decode_sample(raw)
+                    s = sample_seed(self.seed, epoch, idx)
+                    random.seed(s)
+                    torch.manual_seed(s)
+                    images.append(self.transform(img))
+                    labels.append(label)
+                    keys.append(raw["__key__"])
+                    index.append(epoch * self.split.num_samples + idx)
+            yield _to_batch(images, labels, keys, index)
+
+
+class EvalShards(IterableDataset):
+    """Every sample of a split exactly once: contiguous position ranges per rank and worker, in
+    shard order, the last batch of each worker possibly short. No padding, no duplicates."""
+
+    def __init__(self, split: SplitInfo, transform: Callable, *, rank: int, world: int,
+                 workers: int, batch: int):
+        self.split, self.transform = split, transform
+        self.rank, self.world, self.workers, self.batch = rank, world, max(1, workers), batch
+
+    def positions(self, worker: int) -> tuple[int, int]:
+        n, parts = self.split.num_samples, self.world * self.workers
+        part = self.rank * self.workers + worker
+        return part * n // parts, (part + 1) * n // parts
+
+    def __iter__(self):
+        info = get_worker_info()
+        lo, hi = self.positions(info.id if info is not None else 0)
+        reader = PositionReader(self.split, np.arange(len(self.split.urls)))
+        for a in range(lo, hi, self.batch):
+            raws = reader.read(a, min(a + self.batch, hi))
+            images, labels = zip(*(decode_sample(r) for r in raws))
+            yield _to_batch([self.transform(i) for i in images], list(labels),
+                            [r["__key__"] for r in raws], list(range(a, a + len(raws))))
+
+
+def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader that passes the dataset's batches through. Not given to accelerate.prepare:
+    that would re-split (or broadcast) data we have already split by rank."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+
+def micro_batches(loader: DataLoader, fetches: int) -> Iterator[dict]:
+    """Concatenate `fetches` consecutive loader batches (one per worker) into a micro-batch."""
+    it = iter(loader)
+    while True:
+        parts = [next(it) for _ in range(fetches)]
+        if fetches == 1:
+            yield parts[0]
+            continue
+        yield {"image": torch.cat([p["image"] for p in parts]),
+               "label": torch.cat([p["label"] for p in parts]),
+               "key": [k for p in parts for k in p["key"]],
+               "index": torch.cat([p["index"] for p in parts])}
+
+
+@dataclass
+class StreamLayout:
+    """How a run's micro-batches map onto streams (see the module docstring)."""
+    num_streams: int
+    sub_batch: int
+    fetches: int           # loader batches per micro-batch = dataloader workers (at least 1)
+    per_worker: int        # streams per worker
+
+    @classmethod
+    def plan(cls, micro_batch: int, world: int, workers: int,
+             num_streams: Optional[int] = None) -> "StreamLayout":
+        workers = max(1, workers)
+        num_streams = num_streams or world * workers
+        if num_streams % (world * workers):
+            raise ValueError(f"{num_streams} data streams cannot be shared equally by {world} "
+                             f"processes x {workers} dataloader workers")
+        per_worker = num_streams // (world * workers)
+        per_rank = per_worker * workers
+        if micro_batch % per_rank:
+            raise ValueError(f"micro_batch {micro_batch} must be a multiple of the streams per "
+                             f"process ({per_rank} = {per_worker} per worker x {workers} workers)")
+        return cls(num_streams, micro_batch // per_rank, workers, per_worker)

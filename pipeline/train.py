@@ -1,0 +1,352 @@
+"""The training loop shared by pretrain and finetune: accelerate inline, no callbacks.
+
+One optimiser step = `accum_steps` micro-batches per process; gradients are averaged across
+processes by DDP, accumulated, clipped once with AGC (after the reduce), then SGD applies
+coupled weight decay and Nesterov momentum, in DeepMind's order. The LR schedule, the EMA decay,
+the data order and all randomness are functions of the step, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from timm.scheduler import CosineLRScheduler
+from timm.utils.model_ema import ModelEmaV3
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline import checkpoint as ckpt
+from pipeline.agc import AGC, split_parameters
+from pipeline.data.manifest import load_split
+from pipeline.data.reader import (Cursor, StreamLayout, TrainStreams, advance, make_loader,
+                                  micro_batches, rescale_cursor)
+from pipeline.data.transforms import mix_batch, mixed_cross_entropy, normalize, train_transform
+from pipeline.recipe import TrainSection, to_dict
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    """Values derived from a recipe section, the data and the launch (written to the resolved
+    recipe and printed by --dry-run)."""
+    num_samples: int
+    processes: int
+    global_batch: int
+    micro_batch: int
+    accum_steps: int
+    lr: float
+    steps_per_epoch: float
+    total_steps: int
+    warmup_steps: int
+    epochs: float
+    data_streams: int
+    sub_batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_plan(section: TrainSection, num_samples: int, processes: int,
+              num_streams: Optional[int] = None) -> Plan:
+    per_step = section.micro_batch * processes
+    if section.global_batch % per_step:
+        raise ValueError(
+            f"global_batch {section.global_batch} is not a multiple of micro_batch x processes "
+            f"({section.micro_batch} x {processes} = {per_step}); change micro_batch or the "
+            f"number of processes")
+    steps_per_epoch = num_samples / section.global_batch
+    total = section.steps if section.steps is not None else int(section.epochs * steps_per_epoch)
+    warmup = (section.warmup_steps if section.warmup_steps is not None
+              else int(section.warmup_epochs * steps_per_epoch))
+    if total < 1:
+        raise ValueError(f"the run has no optimizer steps: {num_samples} samples, global_batch "
+                         f"{section.global_batch}; lower global_batch or raise epochs/steps")
+    if warmup >= total:
+        raise ValueError(f"warm-up ({warmup} steps) must be shorter than the run ({total} steps)")
+    layout = StreamLayout.plan(section.micro_batch, processes, section.loader.num_workers,
+                               num_streams)
+    lr = section.lr_base * section.global_batch / 256 if section.lr_batch_scaling else section.lr_base
+    return Plan(num_samples, processes, section.global_batch, section.micro_batch,
+                section.global_batch // per_step, lr, steps_per_epoch, total, warmup,
+                total / steps_per_epoch, layout.num_streams, layout.sub_batch)
+
+
+def ema_decay(step: int, max_decay: float) -> float:
+    """DeepMind's EMA warm-up: min(max_decay, (1 + t) / (10 + t))."""
+    return min(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def build_optimizer(model: nn.Module, section: TrainSection) -> torch.optim.Optimizer:
+    """SGD(Nesterov) with weight decay on conv/linear weights only (not gains, biases, skip gains)."""
+    split = split_parameters(model)
+    groups = [{"params": split.decay, "weight_decay": section.weight_decay},
+              {"params": split.no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=section.lr_base, momentum=section.momentum,
+                           nesterov=section.nesterov)
+
+
+@dataclass
+class Job:
+    """Everything a training run needs besides the recipe section."""
+    stage: str                      # "pretrain" or "finetune"
+    section: TrainSection
+    model: nn.Module
+    shards: Path
+    out: Path
+    config: dict[str, Any]          # model config.json (architecture, classes, resolutions)
+    resume: str = "auto"            # auto | none | <checkpoint folder>
+    init_fingerprint: str = ""
+    record_keys: Optional[Path] = None  # write each rank's sample keys here (tests)
+
+
+def _accelerator(section: TrainSection, out: Path, accum: int) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    precision = section.precision
+    mixed = "bf16" if (precision == "bf16" or (precision == "auto" and cuda)) else "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mixed, gradient_accumulation_steps=accum,
+                       log_with=list(section.trackers) or None, project_dir=str(out))
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Train; write checkpoints, the final model folder and metrics.json under `job.out`."""
+    section, out = job.section, job.out
+    split = load_split(job.shards, "train")
+    probe = Accelerator(cpu=not torch.cuda.is_available())
+    plan = make_plan(section, split.num_samples, probe.num_processes)
+    acc = _accelerator(section, out, plan.accum_steps)
+    dev, main = acc.device, acc.is_main_process
+
+    model = job.model.to(dev)
+    if section.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, section)
+    agc = AGC.for_model(model, section.clip_factor, section.agc_eps) if section.clip_factor else None
+    ema = ModelEmaV3(model, decay=section.ema_decay) if section.ema_decay else None
+    scheduler = CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps,
+                                  lr_min=0.0, warmup_t=plan.warmup_steps, warmup_lr_init=0.0,
+                                  warmup_prefix=True, t_in_epochs=False)
+    for g in optimizer.param_groups:          # the schedule multiplies this base lr
+        g["lr"] = g["initial_lr"] = plan.lr
+    scheduler.base_values = [plan.lr for _ in optimizer.param_groups]
+    ddp_model, optimizer = acc.prepare(model, optimizer)   # not the loader: see reader.make_loader
+
+    fp = ckpt.fingerprint(job.stage, _resumable(section), split.urls, split.shard_lengths,
+                          job.init_fingerprint)
+    ckpt_root = out / "checkpoints" / fp
+    step, cursor = 0, Cursor(0, 0, plan.data_streams)
+    resumed_from = _find_resume(job.resume, ckpt_root)
+    if resumed_from is not None:
+        state, meta = ckpt.load_checkpoint(resumed_from, model, ema.module if ema else None)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, cursor = int(state["step"]), Cursor.from_state(state["cursor"])
+        cursor = rescale_cursor(cursor, split.num_samples, plan.data_streams)
+        if main:
+            print(f"[{job.stage}] resumed from {resumed_from} at step {step} "
+                  f"(epoch {cursor.epoch}, {cursor.offset} samples into each of "
+                  f"{cursor.num_streams} streams)")
+
+    dataset = TrainStreams(split, train_transform(section.train_res, section.augment),
+                           seed=section.seed, block=section.loader.shuffle_block, cursor=cursor,
+                           rank=acc.process_index, world=acc.num_processes,
+                           workers=section.loader.num_workers, sub_batch=plan.sub_batch)
+    batches = micro_batches(make_loader(dataset, section.loader.num_workers,
+                                        pin_memory=dev.type == "cuda"), max(1, section.loader.num_workers))
+    if acc.log_with:
+        acc.init_trackers(job.stage, config=_flat(to_dict(section)),
+                          init_kwargs={"dvclive": {"dir": str(out / "dvclive"), "dvcyaml": None,
+                                                   "save_dvc_exp": False,
+                                                   "resume": resumed_from is not None}})
+
+    bar = tqdm(total=plan.total_steps, initial=step, disable=not main, desc=job.stage,
+               dynamic_ncols=True, mininterval=1.0)
+    start_step, cursor0 = step, cursor
+    loss_sum = torch.zeros((), device=dev)
+    bad_step = torch.full((), -1, dtype=torch.long, device=dev)
+    keys_log = open(job.record_keys / f"rank{acc.process_index}.jsonl", "a") if job.record_keys else None
+    t_log, steps_since, last_loss, rate, t_start = time.perf_counter(), 0, float("nan"), 0.0, time.perf_counter()
+    ddp_model.train()
+    while step < plan.total_steps:
+        scheduler.step_update(step)
+        # dropout / stochastic depth draw from the global RNG: reseed it from (seed, step, rank)
+        torch.manual_seed(section.seed * 1_000_003 + step * acc.num_processes + acc.process_index)
+        step_loss = torch.zeros((), device=dev)
+        for micro in range(plan.accum_steps):
+            batch = next(batches)
+            if keys_log:
+                keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch["key"]}) + "\n")
+            x = normalize(batch["image"].to(dev, non_blocking=True), section.channels_last)
+            y = batch["label"].to(dev, non_blocking=True)
+            rng = np.random.default_rng([section.seed, step, micro, acc.process_index])
+            x, ya, yb, ratio = mix_batch(x, y, section.augment.mixup_alpha,
+                                         section.augment.cutmix_alpha, rng)
+            with acc.accumulate(ddp_model):
+                with acc.autocast():
+                    logits = ddp_model(x)
+                loss = mixed_cross_entropy(logits.float(), ya, yb, ratio, section.label_smoothing)
+                acc.backward(loss)
+                step_loss += loss.detach() / plan.accum_steps
+                if acc.sync_gradients:
+                    if agc is not None:
+                        agc()
+                    if section.nan_policy == "skip" and not _all_finite(acc, step_loss):
+                        optimizer.zero_grad(set_to_none=True)   # drop the step (syncs each step)
+                        if main:
+                            print(f"[{job.stage}] step {step}: non-finite loss, step skipped")
+                        continue
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        finite = torch.isfinite(step_loss)
+        bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
+        loss_sum += torch.where(finite, step_loss, torch.zeros_like(step_loss))
+        if ema is not None:
+            ema.apply_update_(model, ema_decay(step, section.ema_decay))
+        step += 1
+        steps_since += 1
+        bar.update(1)
+        at_end = step == plan.total_steps
+        if step % section.log_every == 0 or at_end:
+            _check_finite(acc, bad_step, section, job.stage, ckpt_root)
+            last_loss = acc.reduce(loss_sum, "mean").item() / steps_since
+            now = time.perf_counter()
+            rate = steps_since * plan.global_batch / (now - t_log)
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}",
+                            epoch=f"{step / plan.steps_per_epoch:.2f}")
+            if acc.log_with:
+                acc.log({"train/loss": last_loss, "train/lr": lr, "train/img_per_s": rate,
+                         "train/epoch": step / plan.steps_per_epoch}, step=step)
+            loss_sum.zero_()
+            t_log, steps_since = now, 0
+        if (section.checkpoint_every and step % section.checkpoint_every == 0) or at_end:
+            _check_finite(acc, bad_step, section, job.stage, ckpt_root)
+            consumed = (step - start_step) * plan.accum_steps * plan.sub_batch
+            cursor_now = advance(cursor0, split.num_samples, consumed)
+            if main:
+                state = {"step": step, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "cursor": cursor_now.state_dict()}
+                meta = {"stage": job.stage, "fingerprint": fp, "plan": plan.as_dict(),
+                        "epoch": step / plan.steps_per_epoch}
+                ckpt.save_checkpoint(ckpt_root, step, model, ema.module if ema else None,
+                                     state, meta, section.keep_checkpoints)
+            acc.wait_for_everyone()
+    bar.close()
+    if keys_log:
+        keys_log.close()
+    elapsed = time.perf_counter() - t_start
+    if main:
+        config = dict(job.config)
+        config["nfnet_pipeline"] = {**config.get("nfnet_pipeline", {}), "stage": job.stage,
+                                    "step": step, "fingerprint": fp}
+        ckpt.save_model_dir(out / "model", model, ema.module if ema else None, config)
+    acc.wait_for_everyone()
+    if acc.log_with:
+        acc.end_training()
+    return {"steps": step, "train_loss": last_loss, "img_per_s": rate, "train_time_s": elapsed,
+            "resumed_from_step": start_step, "plan": plan.as_dict(),
+            "model": acc.unwrap_model(ddp_model), "ema": ema.module if ema else None,
+            "accelerator": acc}
+
+
+def _resumable(section: TrainSection) -> dict[str, Any]:
+    """The recipe keys that change the run's result (not logging, loaders or checkpointing)."""
+    d = to_dict(section)
+    for k in ("log_every", "checkpoint_every", "keep_checkpoints", "loader", "trackers",
+              "compile", "channels_last", "precision", "nan_policy"):
+        d.pop(k, None)
+    return d
+
+
+def _find_resume(resume: str, root: Path) -> Optional[Path]:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = ckpt.complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise ckpt.CheckpointError(f"--resume {resume}: not a complete checkpoint folder "
+                                   f"(expected meta.json inside); complete ones under {root}: "
+                                   f"{[p.name for p in ckpt.complete_checkpoints(root)]}")
+    return path
+
+
+def _all_finite(acc: Accelerator, value: torch.Tensor) -> bool:
+    flag = torch.isfinite(value).float()
+    return bool(acc.reduce(flag, "min").item() > 0)
+
+
+def _check_finite(acc: Accelerator, bad_step: torch.Tensor, section: TrainSection, stage: str,
+                  root: Path) -> None:
+    worst = acc.reduce(bad_step.clone(), "max").item() if acc.num_processes > 1 else bad_step.item()
+    if worst >= 0:
+        last = ckpt.complete_checkpoints(root)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise NonFiniteLoss(
+            f"[{stage}] the loss became NaN or infinite at step {int(worst)}; training stopped "
+            f"and {where} (untouched). Lower the lr or the clip_factor, or set "
+            f"{stage}.nan_policy=skip to drop such steps.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+def training_flops_per_image(model: nn.Module, res: int) -> float:
+    """Forward + backward FLOPs for one image, counted by torch.utils.flop_counter on a copy of
+    the model on the meta device (no memory, no compute)."""
+    import copy
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = copy.deepcopy(model).to("meta")
+    x = torch.empty(1, 3, res, res, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        meta(x).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def describe(plan: Plan, section: TrainSection, model: nn.Module, config: dict[str, Any]) -> dict:
+    """The resolved plan that --dry-run prints: everything a user checks before a long run."""
+    aug = section.augment
+    flops = training_flops_per_image(model, section.train_res)
+    passes = 2 if section.sam_rho else 1
+    return {
+        "variant": config.get("nfnet_pipeline", {}).get("variant", config["architecture"]),
+        "architecture": config["architecture"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "num_classes": config["num_classes"],
+        "train_res": section.train_res, "test_res": section.test_res,
+        "train_gflops_per_image": round(flops * passes / 1e9, 3),
+        "samples": plan.num_samples, "processes": plan.processes,
+        "global_batch": plan.global_batch, "micro_batch_per_device": plan.micro_batch,
+        "accum_steps": plan.accum_steps, "lr": plan.lr,
+        "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps,
+        "epochs": round(plan.epochs, 3), "steps_per_epoch": round(plan.steps_per_epoch, 3),
+        "clip_factor": section.clip_factor, "weight_decay": section.weight_decay,
+        "label_smoothing": section.label_smoothing,
+        "augmentation": {"crop_scale": aug.crop_scale, "hflip": aug.hflip,
+                         "randaugment": f"{aug.randaugment_layers} layers, magnitude "
+                                        f"{aug.randaugment_magnitude}" if aug.randaugment_layers else "off",
+                         "mixup_alpha": aug.mixup_alpha, "cutmix_alpha": aug.cutmix_alpha},
+        "ema_decay": section.ema_decay,
+        "sam": (f"rho {section.sam_rho}: 2 forward-backward passes per step (2x compute)"
+                if section.sam_rho else "off"),
+        "drop_rate": getattr(section.model, "drop_rate", None),
+        "drop_path_rate": getattr(section.model, "drop_path_rate", None),
+        "total_train_pflops": round(flops * passes * plan.total_steps * plan.global_batch / 1e15, 3),
+    }
