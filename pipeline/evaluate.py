@@ -137,3 +137,54 @@ def validate(models: dict[str, nn.Module], split: SplitInfo, config: dict[str, A
                                                 [str(i) for i in range(config["num_classes"])]), bins)
         out[name].update(test_res=res, crop_pct=crop, interpolation=interp)
     return out
+
+
+def write_plots(folder, result: dict[str, Any], class_names: list[str]) -> None:
+    """Per-class accuracy, confusion pairs and calibration as CSV (for `dvc plots`) and PNG."""
+    import csv
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "per_class.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "top1"])
+        for name, acc in result["per_class_top1"].items():
+            w.writerow([name, "" if acc is None else f"{acc:.4f}"])
+    confusion = np.array(result["confusion"])
+    with open(folder / "confusion.csv", "w", newline="") as f:   # DVC's confusion template
+        w = csv.writer(f)
+        w.writerow(["actual", "predicted", "count"])
+        for i, j in zip(*np.nonzero(confusion)):
+            w.writerow([class_names[i], class_names[j], int(confusion[i, j])])
+    with open(folder / "calibration.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["confidence", "accuracy", "count"])
+        for row in result["calibration"]:
+            if row["count"]:
+                w.writerow([f"{row['confidence']:.4f}", f"{row['accuracy']:.4f}", row["count"]])
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = [r for r in result["calibration"] if r["count"]]
+    axes[0].plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    axes[0].plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o-",
+                 label=f"model (ECE {result['ece']:.3f})")
+    axes[0].set(xlabel="confidence", ylabel="accuracy", title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    axes[0].legend()
+    if len(class_names) <= 50:
+        im = axes[1].imshow(confusion, cmap="Blues")
+        axes[1].set(xticks=range(len(class_names)), yticks=range(len(class_names)),
+                    xticklabels=class_names, yticklabels=class_names,
+                    xlabel="predicted", ylabel="actual", title="Confusion matrix")
+        fig.colorbar(im, ax=axes[1])
+    else:
+        accs = [a for a in result["per_class_top1"].values() if a is not None]
+        axes[1].hist(accs, bins=20)
+        axes[1].set(xlabel="per-class top-1 (%)", ylabel="classes", title="Per-class accuracy")
+    fig.tight_layout()
+    fig.savefig(folder / "evaluation.png", dpi=100)
+    plt.close(fig)

@@ -351,9 +351,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def write_resolved(recipe: Recipe, section: str, out_dir: str | os.PathLike,
-                   resolved: dict | None = None, overrides: list[str] | None = None) -> Path:
-    """Write `<out_dir>/recipe.resolved.yaml`: the stage's section as used, plus derived values."""
+def resolved_text(recipe: Recipe, section: str, resolved: dict | None = None,
+                  overrides: list[str] | None = None) -> str:
+    """The stage's section as used, plus derived values, as YAML."""
     doc = {
         "recipe": recipe.source,
         "name": recipe.name,
@@ -362,6 +362,12 @@ def write_resolved(recipe: Recipe, section: str, out_dir: str | os.PathLike,
     }
     if resolved:
         doc["resolved"] = resolved
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_resolved(recipe: Recipe, section: str, out_dir: str | os.PathLike,
+                   resolved: dict | None = None, overrides: list[str] | None = None) -> Path:
+    """Write `<out_dir>/recipe.resolved.yaml` (see `resolved_text`)."""
     out = Path(out_dir) / "recipe.resolved.yaml"
-    atomic_write_text(out, yaml.safe_dump(doc, sort_keys=False))
+    atomic_write_text(out, resolved_text(recipe, section, resolved, overrides))
     return out

@@ -85,12 +85,12 @@ def ema_decay(step: int, max_decay: float) -> float:
     return min(max_decay, (1.0 + step) / (10.0 + step))
 
 
-def build_optimizer(model: nn.Module, section: TrainSection) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, section: TrainSection, lr: float) -> torch.optim.Optimizer:
     """SGD(Nesterov) with weight decay on conv/linear weights only (not gains, biases, skip gains)."""
     split = split_parameters(model)
     groups = [{"params": split.decay, "weight_decay": section.weight_decay},
               {"params": split.no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=section.lr_base, momentum=section.momentum,
+    return torch.optim.SGD(groups, lr=lr, momentum=section.momentum,
                            nesterov=section.nesterov)
 
 
@@ -128,15 +128,12 @@ def run(job: Job) -> dict[str, Any]:
     model = job.model.to(dev)
     if section.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, section)
+    optimizer = build_optimizer(model, section, plan.lr)
     agc = AGC.for_model(model, section.clip_factor, section.agc_eps) if section.clip_factor else None
     ema = ModelEmaV3(model, decay=section.ema_decay) if section.ema_decay else None
     scheduler = CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps,
                                   lr_min=0.0, warmup_t=plan.warmup_steps, warmup_lr_init=0.0,
                                   warmup_prefix=True, t_in_epochs=False)
-    for g in optimizer.param_groups:          # the schedule multiplies this base lr
-        g["lr"] = g["initial_lr"] = plan.lr
-    scheduler.base_values = [plan.lr for _ in optimizer.param_groups]
     ddp_model, optimizer = acc.prepare(model, optimizer)   # not the loader: see reader.make_loader
 
     fp = ckpt.fingerprint(job.stage, _resumable(section), split.urls, split.shard_lengths,

@@ -44,21 +44,30 @@ def load_init(init: str, weights: str) -> tuple[dict[str, Any], dict[str, torch.
     return config, load_file(str(path)), ckpt.fingerprint(str(folder), weights, sha256_file(path))
 
 
-def build_finetune_model(config: dict[str, Any], state: dict[str, torch.Tensor], num_classes: int,
-                         section: FinetuneSection) -> tuple[nn.Module, list[str]]:
-    """The pretrained network with the recipe's dropout / stochastic depth and, when the class
-    count differs, a new head initialised as the recipe says. Returns (model, messages)."""
+def build_finetune_model(config: dict[str, Any], state: dict[str, torch.Tensor],
+                         class_names: list[str], section: FinetuneSection) -> tuple[nn.Module, list[str]]:
+    """The pretrained network with the recipe's dropout / stochastic depth and, when the label set
+    differs, a new head initialised as the recipe says. Returns (model, messages).
+
+    The label sets differ when both have class names and the names differ, or else when the
+    counts differ; only then is the pretrained head dropped.
+    """
     messages = []
+    num_classes = len(class_names)
+    old_names = list(config.get("label_names") or [])
     model = ckpt.build_from_config(config, num_classes=num_classes,
                                    drop_rate=section.model.drop_rate)
     set_stochastic_depth(model, section.model.drop_path_rate)
     head = model.get_classifier()
     head_keys = {k for k in state if _is_head_key(model, k)}
-    if config["num_classes"] != num_classes:
+    same = (old_names == list(class_names)) if old_names else config["num_classes"] == num_classes
+    if not same:
         state = {k: v for k, v in state.items() if k not in head_keys}
-        messages.append(f"new head: {config['num_classes']} pretrained classes -> {num_classes} "
-                        f"target classes; the old head is dropped, the new one "
-                        f"initialised with {section.init.head_init}")
+        why = (f"{config['num_classes']} pretrained classes -> {num_classes} target classes"
+               if config["num_classes"] != num_classes else
+               f"pretrained classes {old_names[:5]} differ from the target's {class_names[:5]}")
+        messages.append(f"new head: {why}; the old head is dropped, the new one initialised "
+                        f"with {section.init.head_init}")
         with torch.no_grad():
             if section.init.head_init == "zeros":
                 nn.init.zeros_(head.weight)
@@ -98,3 +107,13 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
             param.requires_grad_(False)
             count += param.numel()
     return count
+
+
+def scratch_init(variant: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """A randomly initialised variant, as if it were a pretrained checkpoint (the from-scratch
+    baseline that fine-tuning is compared against)."""
+    from pipeline.variants import build_model
+    model, arch, model_args = build_model(variant, num_classes=1)
+    config = {"architecture": arch, "model_args": model_args, "num_classes": 1, "label_names": [],
+              "pretrained_cfg": {}, "nfnet_pipeline": {"variant": variant, "from_scratch": True}}
+    return config, model.state_dict(), ckpt.fingerprint("scratch", variant)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import os
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Protocol
@@ -101,7 +102,7 @@ def read_class_list(path: Path) -> list[str]:
     """One class name per line (the whole line, stripped); blank lines and '#' comments skipped."""
     names = [ln.strip() for ln in path.read_text().splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
-    dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+    dup = sorted(n for n, k in Counter(names).items() if k > 1)
     if not names or dup:
         why = "is empty" if not names else f"repeats {', '.join(dup[:5])}"
         raise SourceError(f"class list {path} {why}; it needs one distinct class name per line")
@@ -120,7 +121,7 @@ def open_source(spec: str, section, out: Optional[str | os.PathLike] = None) -> 
     if spec.startswith("hf:"):
         return hf_source.open_hf(spec, section)
     if any(ch in spec for ch in "*?["):
-        files = sorted(glob.glob(spec))
+        files = sorted(glob.glob(spec, recursive=True))
         if not files:
             raise SourceError(f"source pattern {spec} matches no files")
         return _open_files(spec, files, section, out)
@@ -138,7 +139,9 @@ def open_source(spec: str, section, out: Optional[str | os.PathLike] = None) -> 
     if (path / "_info.json").is_file() or any(path.glob("*.tar")):
         _check_out(path, out)
         return tar_source.open_tars(spec, sorted(str(p) for p in path.glob("*.tar")), section)
-    parquet = sorted(str(p) for p in path.rglob("*.parquet"))
+    # Only two levels deep (x.parquet, data/x.parquet, train/x.parquet): an image-folder tree
+    # with a million files must not be walked here; deeper layouts can be passed as a glob.
+    parquet = sorted(str(p) for pat in ("*.parquet", "*/*.parquet") for p in path.glob(pat))
     if parquet:
         return hf_source.open_parquet(spec, parquet, section)
     return open_folder(spec, section)
@@ -186,18 +189,31 @@ class FolderSplit:
         return (self.root / self.names[i]).read_bytes(), self.relname(i)
 
 
-def _walk_images(folder: Path, prefix: str, ignored: list[str]) -> Iterator[str]:
+class _Ignored:
+    """Non-image files: counted, a few kept as examples (there may be millions, e.g. .xml boxes)."""
+
+    def __init__(self) -> None:
+        self.count, self.examples = 0, []
+
+    def add(self, name: str) -> None:
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(name)
+
+
+def _walk_images(folder: Path, prefix: str, ignored: _Ignored) -> Iterator[str]:
     """Image paths under `folder` (relative, '/'-joined, sorted); other files go to `ignored`."""
     with os.scandir(folder) as it:
         entries = sorted(it, key=lambda e: e.name)
     for e in entries:
         rel = f"{prefix}{e.name}"
         if e.is_dir():
-            yield from _walk_images(Path(e.path), rel + "/", ignored)
+            if not e.name.startswith("."):      # .ipynb_checkpoints and the like hold copies
+                yield from _walk_images(Path(e.path), rel + "/", ignored)
         elif is_image_name(e.name):
             yield rel
         else:
-            ignored.append(rel)
+            ignored.add(rel)
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -212,57 +228,65 @@ def open_folder(spec: str, section) -> Source:
         if not d.is_dir():
             have = _class_dirs(root)
             raise SourceError(f"split folder {d} not found (shard.splits={section.splits}); {root} "
-                              f"holds: {', '.join(have[:10]) or 'no folders'}. Set shard.splits to "
-                              f"the split folders to shard, e.g. shard.splits=[{have[0] if have else 'train'}]")
+                              f"holds: {', '.join(have[:10]) or 'no folders'}. Set shard.splits "
+                              f"to the split folders to shard, e.g. "
+                              f"shard.splits=[{have[0] if have else 'train'}]")
     layouts = {s: ("classes" if _class_dirs(d) else "flat") for s, d in split_dirs.items()}
+    for split, d in split_dirs.items():
+        if layouts[split] == "flat" and not any(is_image_name(e.name) for e in os.scandir(d)):
+            raise SourceError(f"split folder {d} has no class folders and no images; expected "
+                              f"{d}/<class>/<image> (or images directly, with shard.label_file)")
     label_maps = {s: _flat_labels(root, split_dirs[s], section) for s, lay in layouts.items()
                   if lay == "flat"}
     if section.class_list:
-        class_names, origin = read_class_list(resolve_path(section.class_list, root, "class_list")), \
-            f"the class list {section.class_list}"
+        class_names = read_class_list(resolve_path(section.class_list, root, "class_list"))
+        origin = f"the class list {section.class_list}"
     elif any(lay == "classes" for lay in layouts.values()):
         first = next(s for s, lay in layouts.items() if lay == "classes")
-        class_names, origin = _class_dirs(split_dirs[first]), f"the class folders of {split_dirs[first]}"
+        class_names = _class_dirs(split_dirs[first])
+        origin = f"the class folders of {split_dirs[first]}"
     else:
         class_names = sorted({c for m in label_maps.values() for c in m.values()})
         origin = f"the labels in {section.label_file}"
     index = {c: i for i, c in enumerate(class_names)}
     splits, examples = {}, []
     for split, d in split_dirs.items():
-        ignored: list[str] = []
+        ignored = _Ignored()
         if layouts[split] == "classes":
             names, labels = _scan_class_folders(d, index, origin, ignored)
         else:
             names, labels = _scan_flat(d, label_maps[split], index, origin, section, ignored)
         splits[split] = FolderSplit(split, d, names, np.frombuffer(labels, np.int32).copy(),
-                                    ignored=len(ignored))
-        examples += [f"{split}/{n}" for n in ignored[:5]]
+                                    ignored=ignored.count)
+        examples += [f"{split}/{n}" for n in ignored.examples]
     return Source("folder", spec, class_names, splits, examples[:10])
 
 
 def _scan_class_folders(split_dir: Path, index: dict[str, int], origin: str,
-                        ignored: list[str]) -> tuple[NameTable, array]:
+                        ignored: _Ignored) -> tuple[NameTable, array]:
     names, labels = NameTable(), array("i")
     for cls in _class_dirs(split_dir):
         if cls not in index:
             raise SourceError(f"class folder {split_dir / cls} is not in {origin} "
                               f"({len(index)} classes); add it there (shard.class_list) or remove "
                               f"the folder")
-        before, n_ignored = len(names), len(ignored)
+        before, n_ignored = len(names), ignored.count
         for rel in _walk_images(split_dir / cls, cls + "/", ignored):
             names.append(rel)
             labels.append(index[cls])
         if len(names) == before:
-            other = len(ignored) - n_ignored
+            other = ignored.count - n_ignored
             raise SourceError(f"class folder {split_dir / cls} has no images ({other} non-image "
                               f"files ignored); add images or remove the folder")
     # Files lying next to the class folders are not labelled by any folder: ignored and counted.
-    ignored += [e.name for e in os.scandir(split_dir) if e.is_file()]
+    for e in os.scandir(split_dir):
+        if e.is_file():
+            ignored.add(e.name)
     return names, labels
 
 
 def _scan_flat(split_dir: Path, label_map: dict[str, str], index: dict[str, int], origin: str,
-               section, ignored: list[str]) -> tuple[NameTable, array]:
+               section, ignored: _Ignored) -> tuple[NameTable, array]:
     names, labels = NameTable(), array("i")
     for rel in _walk_images(split_dir, "", ignored):
         stem = os.path.splitext(os.path.basename(rel))[0]

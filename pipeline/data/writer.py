@@ -1,0 +1,442 @@
+"""Write a source's splits as deterministic, restartable webdataset tars, then the manifest.
+
+    <out>/<split>-NNNNNN.tar   samples `<index>.cls`, `<index>.jpg`, `<index>.json`
+    <out>/_progress.jsonl      one line per finished shard (what a re-run may reuse)
+    <out>/_skipped.json        every unreadable input with its reason
+    <out>/_info.json           the manifest (pipeline/data/manifest.py), written last
+
+Samples are spread over shards by a seeded permutation; shard sizes differ by at most one (a shard
+loses the samples that were skipped in it, and says so in the skip report). The key of a sample is
+its index in the source, so two files with one name never collide and keys carry no dots.
+
+Byte-identical output: members in a fixed order with a fixed mtime, owner and mode; the json is
+sorted; the encoder is deterministic for a given Pillow/libjpeg build (part of each shard's plan).
+
+Restart: a shard is written under a temporary name and renamed when complete, then logged in
+`_progress.jsonl` with its plan hash (which samples, their labels, the image settings) and sha256.
+A re-run reuses a shard whose plan is unchanged, that skipped nothing and whose file still hashes
+to the logged sha256; everything else is rewritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import PIL
+from PIL import ImageFile
+from tqdm import tqdm
+from webdataset import TarWriter
+
+from pipeline.data.images import encode_image
+from pipeline.data.manifest import sha256_file, write_manifest, manifest_path
+from pipeline.data.sources import Source
+from pipeline.recipe import atomic_write_text, to_dict
+
+KEYS = {"image": "jpg", "label": "cls", "meta": "json"}
+JOURNAL = "_progress.jsonl"
+SKIP_REPORT = "_skipped.json"
+TAR_MTIME = 0                   # fixed: TarWriter stamps the current time otherwise
+
+
+class ShardError(RuntimeError):
+    """The shards cannot be written as asked; the message names the cause and the fix."""
+
+
+def check_section(section) -> None:
+    """Fail before any work on shard values that cannot work (the schema only checks types)."""
+    problems = []
+    if section.shard_size < 1:
+        problems.append(f"shard.shard_size={section.shard_size} must be >= 1")
+    if section.max_size is not None and section.max_size < 1:
+        problems.append(f"shard.max_size={section.max_size} must be >= 1 or null")
+    if not 1 <= section.jpeg_quality <= 100:
+        problems.append(f"shard.jpeg_quality={section.jpeg_quality} must be in 1..100")
+    if not 0.0 <= section.max_skipped_fraction <= 1.0:
+        problems.append(f"shard.max_skipped_fraction={section.max_skipped_fraction} must be in 0..1")
+    if not section.splits or len(set(section.splits)) != len(section.splits):
+        problems.append(f"shard.splits={section.splits} must name distinct splits")
+    bad = [s for s in section.splits if not s or not s.replace("_", "").replace("-", "").isalnum()]
+    if bad:
+        problems.append(f"shard.splits: {bad} must be letters, digits, '_' or '-' (they name files)")
+    if problems:
+        raise ShardError("; ".join(problems))
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: which samples go to which shard
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ShardPlan:
+    split: str
+    shard: int
+    indices: np.ndarray         # source sample indices, in the order they are written
+    plan_sha256: str = ""
+
+    @property
+    def filename(self) -> str:
+        return f"{self.split}-{self.shard:06d}.tar"
+
+
+def plan_split(source: Source, split: str, section) -> list[ShardPlan]:
+    """Seeded permutation cut into equal shards (sizes differ by at most one)."""
+    src = source.splits[split]
+    n = len(src)
+    # The split name joins the seed so train and val are not permuted alike.
+    rng = np.random.default_rng([section.seed, zlib.crc32(split.encode())])
+    perm = rng.permutation(n).astype(np.int64)
+    num_shards = max(1, -(-n // section.shard_size))
+    bounds = np.linspace(0, n, num_shards + 1).round().astype(np.int64)
+    header = json.dumps({"format": 1, "split": split, "max_size": section.max_size,
+                         "jpeg_quality": section.jpeg_quality, "fingerprint": src.fingerprint,
+                         "pillow": PIL.__version__}, sort_keys=True)
+    plans = []
+    for k in range(num_shards):
+        idx = perm[bounds[k]:bounds[k + 1]]
+        h = hashlib.sha256(header.encode())
+        for i in idx.tolist():
+            label = int(src.labels[i])
+            h.update(f"{i}\t{src.relname(i)}\t{label}\t{source.class_names[label]}\n".encode(
+                "utf-8", "surrogateescape"))
+        plans.append(ShardPlan(split, k, idx, h.hexdigest()))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: one task writes one shard
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    source: Source
+    out: Path
+    max_size: Optional[int]
+    jpeg_quality: int
+    progress: Callable[[int], None] = field(default=lambda n: None)
+
+
+_STATE: Optional[_State] = None
+
+
+def _init_worker(source: Source, out: Path, max_size, quality, counter=None, progress=None) -> None:
+    global _STATE
+    if counter is not None:
+        def progress(n: int, counter=counter) -> None:
+            with counter.get_lock():
+                counter.value += n
+    _STATE = _State(source, out, max_size, quality, progress or (lambda n: None))
+
+
+def _run_shard(task: tuple[ShardPlan, Optional[dict]]) -> dict:
+    plan, previous = task
+    st = _STATE
+    path = st.out / plan.filename
+    if previous is not None and path.is_file() and sha256_file(path) == previous["sha256"]:
+        st.progress(len(plan.indices))
+        return {**previous, "reused": True}
+    src = st.source.splits[plan.split]
+    tmp = st.out / f".{plan.filename}.tmp"
+    skipped, count = [], 0
+    # Some libraries switch this on process-wide; it would pad truncated images with grey.
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with open(tmp, "wb") as f:
+            # webdataset's writer, with mtime/owner/mode fixed for byte-identical tars.
+            with TarWriter(f, user="nfnet", group="nfnet", mode=0o444, encoder=False,
+                           mtime=TAR_MTIME) as tw:
+                for i in plan.indices.tolist():
+                    sample = _encode_sample(src, i, st, skipped)
+                    if sample is not None:
+                        tw.write(sample)
+                        count += 1
+                    st.progress(1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+    return {"split": plan.split, "shard": plan.shard, "file": plan.filename,
+            "plan": plan.plan_sha256, "sha256": sha256_file(path), "count": count,
+            "skipped": skipped}
+
+
+def _encode_sample(src, i: int, st: _State, skipped: list) -> Optional[dict]:
+    try:
+        raw, original = src.read(i)
+        jpg = encode_image(raw, st.max_size, st.jpeg_quality)
+    except MemoryError:
+        raise
+    except Exception as e:      # decoders raise many types for bad bytes; all mean "unreadable"
+        skipped.append({"file": src.relname(i), "reason": f"{type(e).__name__}: {e}"})
+        return None
+    label = int(src.labels[i])
+    meta = {"file": original, "label": st.source.class_names[label], "cls": label, "index": i}
+    return {"__key__": f"{i:09d}", "jpg": jpg, "cls": str(label).encode(),
+            "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SplitStats:
+    samples: int = 0            # in the shards, reused ones included
+    shards: int = 0
+    reused: int = 0             # shards kept from an earlier run
+    processed: int = 0          # images decoded this run (written or skipped)
+    skipped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds else 0.0
+
+
+def write_shards(source: Source, out: str | os.PathLike, section, workers: int = 0,
+                 progress: bool = True) -> dict[str, SplitStats]:
+    """Shard every split of `source` into `out`; the manifest is written last, and only when every
+    split stayed within shard.max_skipped_fraction (else ShardError, with the skip report written)."""
+    check_section(section)
+    empty = [s for s in section.splits if not len(source.splits[s])]
+    if empty:
+        raise ShardError(f"split(s) {', '.join(empty)} of {source.location} hold no samples; "
+                         f"remove them from shard.splits")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path(out).unlink(missing_ok=True)     # its absence marks the output incomplete
+    for stale in out.glob(".*.tar.tmp"):            # left by a killed run
+        stale.unlink()
+    workers = workers or section.workers or default_workers()
+    previous = _read_journal(out)
+    records: dict[str, list[dict]] = {}
+    stats: dict[str, SplitStats] = {}
+    for split in section.splits:
+        plans = plan_split(source, split, section)
+        t0 = time.perf_counter()
+        records[split] = _write_split(source, out, split, plans, previous, section, workers,
+                                      progress, records)
+        st = stats[split] = SplitStats(shards=len(plans), seconds=time.perf_counter() - t0)
+        for r in records[split]:
+            st.samples += r["count"]
+            st.skipped += len(r["skipped"])
+            st.reused += bool(r.get("reused"))
+            st.processed += 0 if r.get("reused") else r["count"] + len(r["skipped"])
+    _write_journal(out, [r for rs in records.values() for r in rs])
+    report = _write_skip_report(out, source, records)
+    _remove_stale_tars(out, records)
+    write_manifest(out, _manifest(source, section, records, report))
+    return stats
+
+
+def _write_split(source, out, split, plans, previous, section, workers, progress, records) -> list:
+    n = len(source.splits[split])
+    allowed = section.max_skipped_fraction * n
+    done: list[dict] = []
+    tasks = [(p, _reusable(previous.get(p.filename), p)) for p in plans]
+
+    def on_result(rec: dict) -> None:
+        if not rec.get("reused"):
+            _append_journal(out, rec)
+        done.append(rec)
+        skipped = sum(len(r["skipped"]) for r in done)
+        if skipped > allowed:       # known to fail: stop now, not after the whole split
+            report = _write_skip_report(out, source, {**records, split: done})
+            raise ShardError(
+                f"split '{split}': {skipped} of {n} images could not be read (at least "
+                f"{skipped / n:.3%}), more than shard.max_skipped_fraction="
+                f"{section.max_skipped_fraction} allows. Each is listed with its reason in "
+                f"{report}. Repair or remove those files and re-run (finished shards are "
+                f"reused), or raise shard.max_skipped_fraction.")
+
+    state = (source, out, section.max_size, section.jpeg_quality)
+    bar = tqdm(total=n, unit="img", desc=f"shard {split}", disable=not progress, smoothing=0.05)
+    try:
+        if workers <= 1 or len(tasks) <= 1:
+            _init_worker(*state, progress=bar.update)
+            for t in tasks:
+                on_result(_run_shard(t))
+        else:
+            _run_pool(tasks, min(workers, len(tasks)), state, bar, on_result)
+    finally:
+        bar.close()
+        _init_worker(None, out, None, 0)        # drop the in-process reference to the source
+    return sorted(done, key=lambda r: r["shard"])
+
+
+def _run_pool(tasks, workers: int, state: tuple, bar, on_result) -> None:
+    # fork shares the source's arrays with the workers instead of pickling them to each one.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    counter = ctx.Value("q", 0)
+    with ctx.Pool(workers, _init_worker, (*state, counter)) as pool:
+        results = pool.imap_unordered(_run_shard, tasks)
+        for _ in range(len(tasks)):
+            while True:
+                try:
+                    rec = results.next(timeout=0.25)
+                    break
+                except mp.TimeoutError:
+                    bar.update(counter.value - bar.n)
+            bar.update(counter.value - bar.n)
+            on_result(rec)
+
+
+def _reusable(rec: Optional[dict], plan: ShardPlan) -> Optional[dict]:
+    """The journal record if it describes exactly this plan, complete (nothing skipped)."""
+    if rec and rec.get("plan") == plan.plan_sha256 and not rec.get("skipped") \
+            and rec.get("count") == len(plan.indices):
+        return rec
+    return None
+
+
+def _read_journal(out: Path) -> dict[str, dict]:
+    path = out / JOURNAL
+    recs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                recs[rec["file"]] = rec      # later lines win
+            except (ValueError, KeyError, TypeError):
+                continue                     # a line torn by a kill
+    return recs
+
+
+def _append_journal(out: Path, rec: dict) -> None:
+    with open(out / JOURNAL, "a") as f:
+        f.write(json.dumps({k: v for k, v in rec.items() if k != "reused"}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_journal(out: Path, recs: list[dict]) -> None:
+    atomic_write_text(out / JOURNAL, "".join(
+        json.dumps({k: v for k, v in r.items() if k != "reused"}) + "\n" for r in recs))
+
+
+def _write_skip_report(out: Path, source: Source, records: dict[str, list[dict]]) -> Path:
+    splits = {}
+    for split, recs in records.items():
+        files = sorted(({**s, "shard": r["file"]} for r in recs for s in r["skipped"]),
+                       key=lambda s: s["file"])
+        splits[split] = {"skipped": len(files), "total": len(source.splits[split]), "files": files}
+    path = out / SKIP_REPORT
+    atomic_write_text(path, json.dumps({"source": source.location, "splits": splits}, indent=1) + "\n")
+    return path
+
+
+def _remove_stale_tars(out: Path, records: dict[str, list[dict]]) -> None:
+    """Shards of these splits left from an earlier plan with more shards (a smaller shard_size)."""
+    for split, recs in records.items():
+        keep = {r["file"] for r in recs}
+        for p in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            if p.name not in keep:
+                p.unlink()
+
+
+def _manifest(source: Source, section, records: dict[str, list[dict]], report: Path) -> dict:
+    recipe = {k: v for k, v in to_dict(section).items() if k != "workers"}   # no effect on bytes
+    splits = {}
+    for split, recs in records.items():
+        splits[split] = {
+            "name": split,
+            "num_samples": sum(r["count"] for r in recs),
+            "filenames": [r["file"] for r in recs],
+            "shard_lengths": [r["count"] for r in recs],
+            "sha256": [r["sha256"] for r in recs],
+            "plan_sha256": [r["plan"] for r in recs],
+            "skipped": sum(len(r["skipped"]) for r in recs),
+            "ignored_files": source.splits[split].ignored,
+        }
+    return {"num_classes": len(source.class_names), "class_names": list(source.class_names),
+            "keys": dict(KEYS), "recipe": recipe,
+            "source": {"kind": source.kind, "location": source.location},
+            "skip_report": report.name, "splits": splits}
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------
+
+def verify(out: str | os.PathLike) -> list[str]:
+    """Check every shard listed in the manifest: present, sha256, sample count, complete samples,
+    labels in range. Returns the problems found (empty when all is well); each names the file."""
+    from pipeline.data.manifest import read_manifest
+
+    out = Path(out)
+    info = read_manifest(out)
+    num_classes = int(info.get("num_classes") or 0)
+    problems = []
+    for split, s in info["splits"].items():
+        if sum(s["shard_lengths"]) != s["num_samples"]:
+            problems.append(f"{manifest_path(out)}: split '{split}' num_samples {s['num_samples']} "
+                            f"!= the sum of shard_lengths {sum(s['shard_lengths'])}")
+        shas = s.get("sha256") or [None] * len(s["filenames"])
+        for name, length, sha in zip(s["filenames"], s["shard_lengths"], shas):
+            problems += _verify_shard(out / name, length, sha, num_classes)
+    return problems
+
+
+def _verify_shard(path: Path, length: int, sha: Optional[str], num_classes: int) -> list[str]:
+    if not path.is_file():
+        return [f"{path}: missing (listed in the manifest); re-run the shard stage to rewrite it"]
+    try:
+        digest, samples = _scan_tar(path)
+    except Exception as e:      # tarfile raises several types on a damaged archive
+        return [f"{path}: not a readable tar ({type(e).__name__}: {e}); re-run the shard stage"]
+    problems = []
+    if sha is not None and digest != sha:
+        problems.append(f"{path}: sha256 {digest[:16]}... does not match the manifest's "
+                        f"{sha[:16]}...; the file changed after it was written: re-run the shard "
+                        f"stage to rewrite it")
+    if len(samples) != length:
+        problems.append(f"{path}: {len(samples)} samples, the manifest says {length}")
+    for sample in samples:
+        missing = [k for k in KEYS.values() if k not in sample]
+        if missing:
+            problems.append(f"{path}: sample '{sample['__key__']}' lacks {', '.join(missing)}")
+        elif not 0 <= int(sample["cls"]) < max(num_classes, 1):
+            problems.append(f"{path}: sample '{sample['__key__']}' has class {int(sample['cls'])}, "
+                            f"outside 0..{num_classes - 1}")
+    return problems
+
+
+class _HashingReader:
+    """A file wrapper that hashes what is read: one pass gives both sha256 and the samples."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+
+def _scan_tar(path: Path) -> tuple[str, list[dict]]:
+    """sha256 and the samples (as webdataset groups them, without image data) of one tar."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        files = ({**x, "__url__": str(path)} for x in tar_file_iterator(reader))
+        samples = [{k: (v if k in ("__key__", "cls") else b"") for k, v in s.items()}
+                   for s in group_by_keys(files)]
+        while reader.read(1 << 20):       # tarfile may stop before the zero padding
+            pass
+    return reader.h.hexdigest(), samples

@@ -1,0 +1,113 @@
+"""Fine-tune a pretrained NFNet on a labelled set at a higher resolution, with a new head.
+
+    accelerate launch --multi_gpu --num_processes 8 stages/finetune.py --recipe recipes/f4plus.yaml \
+        --init runs/pretrain-f4plus/model --shards /data/shards/imagenet --out runs/finetune-f4plus
+    python stages/finetune.py --recipe recipes/demo.yaml --init runs/pretrain/model \
+        --shards data/shards/finetune --out runs/finetune finetune.epochs=1      # tiny, CPU
+    python stages/finetune.py --recipe recipes/demo.yaml --init none ...   # from scratch (baseline)
+
+`--init` is a model folder from the pretrain stage (EMA weights unless finetune.init.weights=raw),
+a folder from the publish stage, `timm:<architecture>=<weights.safetensors>`, or `none:<variant>`
+for a from-scratch baseline with the same budget. Writes the same outputs as the pretrain stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from pipeline import checkpoint as ckpt  # noqa: E402
+from pipeline import train  # noqa: E402
+from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
+from pipeline.data.manifest import ManifestError, load_split, read_manifest  # noqa: E402
+from pipeline.evaluate import validate  # noqa: E402
+from pipeline.recipe import atomic_write_text, write_resolved  # noqa: E402
+from pipeline.transfer import build_finetune_model, load_init, scratch_init  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = stage_parser(__doc__)
+    ap.add_argument("--init", required=True,
+                    help="pretrained model folder, published folder, timm:<arch>=<file>, or none:<variant>")
+    ap.add_argument("--shards", type=Path, help="shard folder with _info.json (train split)")
+    ap.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output folder")
+    ap.add_argument("--resume", default="auto",
+                    help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
+    ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
+                    help="print the resolved plan and exit (no training, shards optional)")
+    ap.add_argument("--processes", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                    help="processes to plan for with --dry-run (default: this launch)")
+    args = ap.parse_args(argv)
+    recipe = load_recipe_or_exit(args.recipe, args.overrides)
+    section = recipe.finetune
+
+    if args.shards is not None:
+        try:
+            info = read_manifest(args.shards)
+            split = load_split(args.shards, "train")
+        except ManifestError as e:
+            fail(str(e))
+        class_names = [str(c) for c in (info.get("class_names") or range(split.num_classes))]
+        num_samples = split.num_samples
+    elif args.dry_run:
+        if section.expected_samples is None:
+            fail("--dry-run without --shards needs finetune.expected_samples in the recipe")
+        class_names, num_samples = [str(i) for i in range(1000)], section.expected_samples
+    else:
+        fail("--shards is required (the output folder of the shard stage)")
+
+    try:
+        if args.init.startswith("none:"):
+            init_config, state, init_fp = scratch_init(args.init[len("none:"):])
+        else:
+            init_config, state, init_fp = load_init(args.init, section.init.weights)
+        model, messages = build_finetune_model(init_config, state, class_names, section)
+    except (ckpt.CheckpointError, KeyError, ValueError) as e:
+        fail(f"--init {args.init}: {e}")
+    crop_pct = section.crop_pct or section.test_res / (section.test_res + 32)
+    lineage = {**init_config.get("nfnet_pipeline", {}), "init": args.init,
+               "init_weights": section.init.weights, "recipe": recipe.name}
+    lineage.pop("step", None)
+    config = ckpt.model_config(model, init_config["architecture"], init_config.get("model_args", {}),
+                               class_names, section.train_res, section.test_res, crop_pct,
+                               section.augment.interpolation, lineage)
+    try:
+        plan = train.make_plan(section, num_samples, args.processes if args.dry_run else
+                               int(os.environ.get("WORLD_SIZE", 1)))
+    except ValueError as e:
+        fail(f"{args.recipe}: finetune: {e}")
+    if args.dry_run:
+        desc = train.describe(plan, section, model, config)
+        print(json.dumps(desc) if args.dry_run == "json" else
+              "\n".join(f"{k:>24}: {v}" for k, v in desc.items()))
+        return 0
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        for m in messages:
+            print(f"[finetune] {m}")
+    write_resolved(recipe, "finetune", args.out, plan.as_dict(), args.overrides)
+    result = train.run(train.Job("finetune", section, model, args.shards, args.out, config,
+                                 resume=args.resume, init_fingerprint=init_fp))
+    acc = result["accelerator"]
+    metrics = {k: result[k] for k in ("steps", "train_loss", "img_per_s", "train_time_s")}
+    if "val" in info["splits"]:
+        models = {"raw": result["model"]}
+        if result["ema"] is not None:
+            models = {"ema": result["ema"], "raw": result["model"]}
+        val = validate(models, load_split(args.shards, "val"), config, batch=section.micro_batch,
+                       workers=section.loader.num_workers, device=acc.device,
+                       rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast)
+        for name, m in val.items():
+            metrics[f"val_top1_{name}"] = m["top1"]
+            metrics[f"val_nll_{name}"] = m["nll"]
+    if acc.is_main_process:
+        atomic_write_text(args.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The five stage scripts chained by hand at tiny size: shard -> pretrain -> finetune -> evaluate
+-> publish, asserting on every stage's outputs."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_stage
+from pipeline.checkpoint import complete_checkpoints, load_model_dir
+from pipeline.data.manifest import read_manifest
+
+RECIPE = str(ROOT / "recipes" / "demo.yaml")
+TINY = ["pretrain.epochs=2", "pretrain.train_res=32", "pretrain.test_res=32",
+        "pretrain.checkpoint_every=10", "pretrain.log_every=5"]
+TINY_FT = ["finetune.epochs=2", "finetune.train_res=48", "finetune.test_res=48",
+           "finetune.log_every=5"]
+
+
+@pytest.fixture(scope="module")
+def chain(demo_shards, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    out = {"runs": runs, "shards": demo_shards}
+    out["pretrain"] = run_stage("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
+                                "--out", str(runs / "pretrain"), *TINY)
+    out["finetune"] = run_stage("finetune", "--recipe", RECIPE, "--init", str(runs / "pretrain" / "model"),
+                                "--shards", str(demo_shards["finetune"]), "--out", str(runs / "finetune"),
+                                *TINY_FT)
+    out["evaluate"] = run_stage("evaluate", "--recipe", RECIPE, "--model", str(runs / "finetune" / "model"),
+                                "--shards", str(demo_shards["finetune"]), "--out", str(runs / "evaluate"))
+    out["publish"] = run_stage("publish", "--recipe", RECIPE, "--model", str(runs / "finetune" / "model"),
+                               "--metrics", str(runs / "evaluate" / "metrics.json"),
+                               "--out", str(runs / "publish"))
+    return out
+
+
+def test_shards_and_manifest(demo_shards):
+    info = read_manifest(demo_shards["pretrain"])
+    assert info["class_names"] == ["0", "1", "2", "3", "4"]
+    train = info["splits"]["train"]
+    assert train["num_samples"] == sum(train["shard_lengths"]) > 600
+    assert all((demo_shards["pretrain"] / f).is_file() for f in train["filenames"])
+    assert len(train["sha256"]) == len(train["filenames"])
+
+
+def test_pretrain_outputs(chain):
+    out = chain["runs"] / "pretrain"
+    model_dir = out / "model"
+    assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "ema.safetensors", "config.json"}
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architecture"] == "dm_nfnet_f0" and config["num_classes"] == 5
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    model, _ = load_model_dir(model_dir, "ema")
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
+    ckpts = list(complete_checkpoints(next((out / "checkpoints").iterdir())))
+    assert 1 <= len(ckpts) <= 2 and ckpts[-1].name == "step-00000022"   # 2 epochs of 721 / 64
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 22 and 0 < metrics["train_loss"] < 2.0
+    assert 0 <= metrics["val_top1_ema"] <= 100
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["resolved"]["lr"] == pytest.approx(0.4 * 64 / 256)
+    assert resolved["overrides"] == TINY
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pth"))   # weights: safetensors only
+    assert (out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    assert "img_s=" in chain["pretrain"].stderr                           # the progress bar
+
+
+def test_finetune_replaces_the_head_and_raises_resolution(chain):
+    assert "new head" in chain["finetune"].stdout
+    config = json.loads((chain["runs"] / "finetune" / "model" / "config.json").read_text())
+    assert config["label_names"] == ["5", "6", "7", "8", "9"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 48, 48]
+    assert config["nfnet_pipeline"]["init"].endswith("pretrain/model")
+
+
+def test_evaluate_metrics_and_plots(chain):
+    out = chain["runs"] / "evaluate"
+    m = json.loads((out / "metrics.json").read_text())
+    n_val = read_manifest(chain["shards"]["finetune"])["splits"]["val"]["num_samples"]
+    assert m["num_samples"] == n_val and m["weights"] == "ema" and "raw" in m
+    assert 0 <= m["top1"] <= m["top5"] <= 100 and m["nll"] > 0 and 0 <= m["ece"] <= 1
+    for f in ("per_class.csv", "confusion.csv", "calibration.csv", "evaluation.png"):
+        assert (out / "plots" / f).stat().st_size > 0
+    assert "ema" in chain["evaluate"].stdout and "top1" in chain["evaluate"].stdout
+
+
+def test_publish_folder_loads_in_timm_with_the_same_logits(chain):
+    folder = chain["runs"] / "publish"
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "README.md", "SHA256SUMS", "recipes"} <= names
+    card = (folder / "README.md").read_text()
+    assert "library_name: timm" in card and "model-index" in card
+    ours, _ = load_model_dir(chain["runs"] / "finetune" / "model", "ema")
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x))
+    state = load_file(str(folder / "model.safetensors"))
+    assert set(state) == set(ours.state_dict())
