@@ -29,7 +29,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.recipe import atomic_write_text
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 

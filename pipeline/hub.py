@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline import checkpoint as ckpt
 from pipeline.data.manifest import sha256_file

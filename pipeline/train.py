@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from timm.scheduler import CosineLRScheduler
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
@@ -120,8 +120,8 @@ def run(job: Job) -> dict[str, Any]:
     """Train; write checkpoints, the final model folder and metrics.json under `job.out`."""
     section, out = job.section, job.out
     split = load_split(job.shards, "train")
-    probe = Accelerator(cpu=not torch.cuda.is_available())
-    plan = make_plan(section, split.num_samples, probe.num_processes)
+    world = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    plan = make_plan(section, split.num_samples, world)
     acc = _accelerator(section, out, plan.accum_steps)
     dev, main = acc.device, acc.is_main_process
 
@@ -169,7 +169,10 @@ def run(job: Job) -> dict[str, Any]:
     start_step, cursor0 = step, cursor
     loss_sum = torch.zeros((), device=dev)
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
-    keys_log = open(job.record_keys / f"rank{acc.process_index}.jsonl", "a") if job.record_keys else None
+    keys_log = None
+    if job.record_keys:
+        job.record_keys.mkdir(parents=True, exist_ok=True)
+        keys_log = open(job.record_keys / f"rank{acc.process_index}.jsonl", "a", buffering=1)
     t_log, steps_since, last_loss, rate, t_start = time.perf_counter(), 0, float("nan"), 0.0, time.perf_counter()
     ddp_model.train()
     while step < plan.total_steps:
@@ -246,8 +249,6 @@ def run(job: Job) -> dict[str, Any]:
                                     "step": step, "fingerprint": fp}
         ckpt.save_model_dir(out / "model", model, ema.module if ema else None, config)
     acc.wait_for_everyone()
-    if acc.log_with:
-        acc.end_training()
     return {"steps": step, "train_loss": last_loss, "img_per_s": rate, "train_time_s": elapsed,
             "resumed_from_step": start_step, "plan": plan.as_dict(),
             "model": acc.unwrap_model(ddp_model), "ema": ema.module if ema else None,
@@ -255,10 +256,11 @@ def run(job: Job) -> dict[str, Any]:
 
 
 def _resumable(section: TrainSection) -> dict[str, Any]:
-    """The recipe keys that change the run's result (not logging, loaders or checkpointing)."""
+    """The recipe keys that change the run's result: not logging, loaders, checkpointing, or how
+    the global batch is split into micro-batches (so a run can resume on more or fewer GPUs)."""
     d = to_dict(section)
-    for k in ("log_every", "checkpoint_every", "keep_checkpoints", "loader", "trackers",
-              "compile", "channels_last", "precision", "nan_policy"):
+    for k in ("micro_batch", "log_every", "checkpoint_every", "keep_checkpoints", "loader",
+              "trackers", "compile", "channels_last", "precision", "nan_policy"):
         d.pop(k, None)
     return d
 
@@ -347,3 +349,37 @@ def describe(plan: Plan, section: TrainSection, model: nn.Module, config: dict[s
         "drop_path_rate": getattr(section.model, "drop_path_rate", None),
         "total_train_pflops": round(flops * passes * plan.total_steps * plan.global_batch / 1e15, 3),
     }
+
+
+def dry_run_report(plan: Plan, section: TrainSection, model: nn.Module, config: dict[str, Any],
+                   fmt: str) -> str:
+    """--dry-run output: one JSON object, or aligned `key: value` lines."""
+    desc = describe(plan, section, model, config)
+    if fmt == "json":
+        return json.dumps(desc)
+    return "\n".join(f"{k:>24}: {v}" for k, v in desc.items())
+
+
+def finish(result: dict[str, Any], job: Job) -> dict[str, Any]:
+    """After training: validate EMA and raw weights on the `val` split if the shards have one,
+    write `<out>/metrics.json` (the stage's DVC metrics) and return the metrics."""
+    from pipeline.data.manifest import read_manifest
+    from pipeline.evaluate import validate
+    from pipeline.recipe import atomic_write_text
+
+    acc, section = result["accelerator"], job.section
+    metrics = {k: result[k] for k in ("steps", "train_loss", "img_per_s", "train_time_s")}
+    if "val" in read_manifest(job.shards)["splits"]:
+        models = {"ema": result["ema"], "raw": result["model"]}
+        models = {k: v for k, v in models.items() if v is not None}
+        val = validate(models, load_split(job.shards, "val"), job.config, batch=section.micro_batch,
+                       workers=section.loader.num_workers, device=acc.device,
+                       rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast)
+        for name, m in val.items():
+            metrics[f"val_top1_{name}"] = m["top1"]
+            metrics[f"val_nll_{name}"] = m["nll"]
+    if acc.is_main_process:
+        atomic_write_text(job.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        print(json.dumps(metrics, indent=2))
+    acc.end_training()          # closes the trackers (and, in accelerate >= 1.x, the process group)
+    return metrics

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +54,10 @@ def build_finetune_model(config: dict[str, Any], state: dict[str, torch.Tensor],
     messages = []
     num_classes = len(class_names)
     old_names = list(config.get("label_names") or [])
-    model = ckpt.build_from_config(config, num_classes=num_classes,
-                                   drop_rate=section.model.drop_rate)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(section.seed)        # the same new head on every process and run
+        model = ckpt.build_from_config(config, num_classes=num_classes,
+                                       drop_rate=section.model.drop_rate)
     set_stochastic_depth(model, section.model.drop_path_rate)
     head = model.get_classifier()
     head_keys = {k for k in state if _is_head_key(model, k)}
@@ -109,11 +110,11 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
     return count
 
 
-def scratch_init(variant: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+def scratch_init(variant: str, seed: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
     """A randomly initialised variant, as if it were a pretrained checkpoint (the from-scratch
     baseline that fine-tuning is compared against)."""
     from pipeline.variants import build_model
-    model, arch, model_args = build_model(variant, num_classes=1)
+    model, arch, model_args = build_model(variant, num_classes=1, seed=seed)
     config = {"architecture": arch, "model_args": model_args, "num_classes": 1, "label_names": [],
               "pretrained_cfg": {}, "nfnet_pipeline": {"variant": variant, "from_scratch": True}}
     return config, model.state_dict(), ckpt.fingerprint("scratch", variant)

@@ -112,15 +112,20 @@ def set_stochastic_depth(model: nn.Module, rate: float) -> None:
 
 def build_model(variant: str, num_classes: int, drop_rate: float = 0.0,
                 drop_path_rate: float = 0.0, width: float = 1.0,
-                device: str | torch.device | None = None) -> tuple[nn.Module, str, dict]:
-    """Build an NFNet variant through timm.
+                device: str | torch.device | None = None,
+                seed: int | None = None) -> tuple[nn.Module, str, dict]:
+    """Build an NFNet variant through timm; with `seed`, its initial weights depend only on it
+    (every process of a run, and every run of a recipe, starts from the same weights).
 
     Returns (model, timm architecture name, model_args): `timm.create_model(arch, **model_args)`
     rebuilds the same network, which is what the published config.json records.
     """
     v = get_variant(variant)
     model_args = v.model_args(width)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext(), \
+            torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
         model = timm.create_model(v.timm_arch, pretrained=False, num_classes=num_classes,
                                   drop_rate=drop_rate, **model_args)
     set_stochastic_depth(model, drop_path_rate)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=Path, required=True, help="shard folder with _info.json")
     ap.add_argument("--split", default="val", help="split to evaluate (default: val)")
     ap.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.evaluate
     try:

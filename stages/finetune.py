@@ -12,7 +12,6 @@ for a from-scratch baseline with the same budget. Writes the same outputs as the
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,8 +22,7 @@ from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
 from pipeline.data.manifest import ManifestError, load_split, read_manifest  # noqa: E402
-from pipeline.evaluate import validate  # noqa: E402
-from pipeline.recipe import atomic_write_text, write_resolved  # noqa: E402
+from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.transfer import build_finetune_model, load_init, scratch_init  # noqa: E402
 
 
@@ -38,9 +36,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
     ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
                     help="print the resolved plan and exit (no training, shards optional)")
+    ap.add_argument("--log-samples", type=Path, metavar="DIR",
+                    help="write the sample keys each process trains on to DIR/rank<N>.jsonl (audits)")
     ap.add_argument("--processes", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                     help="processes to plan for with --dry-run (default: this launch)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.finetune
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.init.startswith("none:"):
-            init_config, state, init_fp = scratch_init(args.init[len("none:"):])
+            init_config, state, init_fp = scratch_init(args.init[len("none:"):], section.seed)
         else:
             init_config, state, init_fp = load_init(args.init, section.init.weights)
         model, messages = build_finetune_model(init_config, state, class_names, section)
@@ -80,32 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         fail(f"{args.recipe}: finetune: {e}")
     if args.dry_run:
-        desc = train.describe(plan, section, model, config)
-        print(json.dumps(desc) if args.dry_run == "json" else
-              "\n".join(f"{k:>24}: {v}" for k, v in desc.items()))
+        print(train.dry_run_report(plan, section, model, config, args.dry_run))
         return 0
 
     if int(os.environ.get("RANK", 0)) == 0:
         for m in messages:
             print(f"[finetune] {m}")
     write_resolved(recipe, "finetune", args.out, plan.as_dict(), args.overrides)
-    result = train.run(train.Job("finetune", section, model, args.shards, args.out, config,
-                                 resume=args.resume, init_fingerprint=init_fp))
-    acc = result["accelerator"]
-    metrics = {k: result[k] for k in ("steps", "train_loss", "img_per_s", "train_time_s")}
-    if "val" in info["splits"]:
-        models = {"raw": result["model"]}
-        if result["ema"] is not None:
-            models = {"ema": result["ema"], "raw": result["model"]}
-        val = validate(models, load_split(args.shards, "val"), config, batch=section.micro_batch,
-                       workers=section.loader.num_workers, device=acc.device,
-                       rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast)
-        for name, m in val.items():
-            metrics[f"val_top1_{name}"] = m["top1"]
-            metrics[f"val_nll_{name}"] = m["nll"]
-    if acc.is_main_process:
-        atomic_write_text(args.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        print(json.dumps(metrics, indent=2))
+    job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
+                    init_fingerprint=init_fp, record_keys=args.log_samples)
+    result = train.run(job)
+    train.finish(result, job)
     return 0
 
 

@@ -12,7 +12,6 @@ Reads `<shards>/_info.json` and its `train` (and, if present, `val`) split. Writ
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,8 +22,7 @@ from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
 from pipeline.data.manifest import ManifestError, load_split, read_manifest  # noqa: E402
-from pipeline.evaluate import validate  # noqa: E402
-from pipeline.recipe import atomic_write_text, write_resolved  # noqa: E402
+from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.variants import build_model, get_variant  # noqa: E402
 
 
@@ -36,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
     ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
                     help="print the resolved plan and exit (no training, shards optional)")
+    ap.add_argument("--log-samples", type=Path, metavar="DIR",
+                    help="write the sample keys each process trains on to DIR/rank<N>.jsonl (audits)")
     ap.add_argument("--processes", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                     help="processes to plan for with --dry-run (default: this launch)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.pretrain
     try:
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, arch, model_args = build_model(variant.name, len(class_names), section.model.drop_rate,
                                           section.model.drop_path_rate, section.model.width,
-                                          device="meta" if args.dry_run else None)
+                                          device="meta" if args.dry_run else None,
+                                          seed=section.seed)
     crop_pct = section.crop_pct or section.test_res / (section.test_res + 32)
     config = ckpt.model_config(model, arch, model_args, [str(c) for c in class_names],
                                section.train_res, section.test_res, crop_pct,
@@ -76,29 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         fail(f"{args.recipe}: pretrain: {e}")
     if args.dry_run:
-        desc = train.describe(plan, section, model, config)
-        print(json.dumps(desc) if args.dry_run == "json" else
-              "\n".join(f"{k:>24}: {v}" for k, v in desc.items()))
+        print(train.dry_run_report(plan, section, model, config, args.dry_run))
         return 0
 
     write_resolved(recipe, "pretrain", args.out, plan.as_dict(), args.overrides)
-    result = train.run(train.Job("pretrain", section, model, args.shards, args.out, config,
-                                 resume=args.resume))
-    acc = result["accelerator"]
-    metrics = {k: result[k] for k in ("steps", "train_loss", "img_per_s", "train_time_s")}
-    if "val" in info["splits"]:
-        models = {"raw": result["model"]}
-        if result["ema"] is not None:
-            models = {"ema": result["ema"], "raw": result["model"]}
-        val = validate(models, load_split(args.shards, "val"), config, batch=section.micro_batch,
-                       workers=section.loader.num_workers, device=acc.device,
-                       rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast)
-        for name, m in val.items():
-            metrics[f"val_top1_{name}"] = m["top1"]
-            metrics[f"val_nll_{name}"] = m["nll"]
-    if acc.is_main_process:
-        atomic_write_text(args.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        print(json.dumps(metrics, indent=2))
+    job = train.Job("pretrain", section, model, args.shards, args.out, config, resume=args.resume,
+                    record_keys=args.log_samples)
+    result = train.run(job)
+    train.finish(result, job)
     return 0
 
 

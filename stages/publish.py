@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace a different model at --out / --repo")
     ap.add_argument("--no-metrics-ok", action="store_true",
                     help="publish without evaluation metrics (publish.require_metrics=false does the same)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.publish
 

@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as e:
         return _err(str(e), 1)
     for split, st in stats.items():
+        rate = f"{st.images_per_s:.0f} img/s with {workers} workers" if st.processed else "all reused"
         print(f"{split}: {st.samples} samples in {st.shards} shards ({st.reused} reused), "
-              f"{st.skipped} skipped, {st.seconds:.1f}s, {st.images_per_s:.0f} img/s "
-              f"with {workers} workers")
+              f"{st.skipped} skipped, {st.seconds:.1f}s, {rate}")
     print(f"wrote {args.out / '_info.json'}")
     return _verify(args.out) if args.verify else 0
 

@@ -1,7 +1,6 @@
 """The five stage scripts chained by hand at tiny size: shard -> pretrain -> finetune -> evaluate
 -> publish, asserting on every stage's outputs."""
 import json
-from pathlib import Path
 
 import pytest
 import timm

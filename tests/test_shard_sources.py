@@ -48,7 +48,8 @@ def samples(out: Path, split: str) -> list[dict]:
 
 def run(source, out, *extra) -> int:
     return main(["--recipe", RECIPE, "--source", str(source), "--out", str(out), "--workers", "1",
-                 "--quiet", "shard.shard_size=4", *extra])
+                 "--quiet", "shard.shard_size=4", "shard.max_size=64", "shard.seed=0",
+                 "shard.splits=[train,val]", *extra])
 
 
 def imagenet(root: Path, val_labels: list[int]) -> Path:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -259,7 +259,10 @@ class TrainStreams(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        return self.iter_worker(info.id if info is not None else 0)
+
+    def iter_worker(self, worker: int) -> Iterator[dict]:
+        """The endless batches of one dataloader worker of this rank."""
         its = [stream_samples(self.split, self.seed, self.block, s, self.cursor)
                for s in self.streams_of_worker(worker)]
         while True:

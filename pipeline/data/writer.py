@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import PIL
-from PIL import ImageFile
+from PIL import ImageFile, features
 from tqdm import tqdm
 from webdataset import TarWriter
 
@@ -90,18 +90,38 @@ class ShardPlan:
         return f"{self.split}-{self.shard:06d}.tar"
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed bijection on uint64 that scrambles every bit."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def permutation(n: int, seed: int, split: str) -> np.ndarray:
+    """The order samples are written in: sorted by a 64-bit hash of (seed, split, index).
+
+    Not numpy's Generator.permutation, whose algorithm may change between NumPy versions; this
+    is the same on every version and machine (the hash is a bijection, so there are no ties).
+    The split name joins the seed so train and val are not permuted alike.
+    """
+    key = _mix64(np.array([(seed * 0x9E3779B97F4A7C15 ^ zlib.crc32(split.encode())) % 2**64],
+                          dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        return np.argsort(_mix64(np.arange(n, dtype=np.uint64) + key), kind="stable")
+
+
 def plan_split(source: Source, split: str, section) -> list[ShardPlan]:
     """Seeded permutation cut into equal shards (sizes differ by at most one)."""
     src = source.splits[split]
     n = len(src)
-    # The split name joins the seed so train and val are not permuted alike.
-    rng = np.random.default_rng([section.seed, zlib.crc32(split.encode())])
-    perm = rng.permutation(n).astype(np.int64)
+    perm = permutation(n, section.seed, split)
     num_shards = max(1, -(-n // section.shard_size))
     bounds = np.linspace(0, n, num_shards + 1).round().astype(np.int64)
     header = json.dumps({"format": 1, "split": split, "max_size": section.max_size,
                          "jpeg_quality": section.jpeg_quality, "fingerprint": src.fingerprint,
-                         "pillow": PIL.__version__}, sort_keys=True)
+                         "pillow": PIL.__version__, "libjpeg": features.version_codec("jpg")},
+                        sort_keys=True)
     plans = []
     for k in range(num_shards):
         idx = perm[bounds[k]:bounds[k + 1]]

@@ -1,0 +1,168 @@
+"""The training data order: exactly once per epoch, equal work per rank, exact and elastic resume.
+
+Ranks and dataloader workers are emulated in-process here (the DataLoader's round-robin over its
+workers is what `rank_batches` reproduces); tests/test_distributed.py runs real processes.
+"""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.manifest import load_split
+from pipeline.data.reader import (Cursor, EvalShards, StreamLayout, TrainStreams, advance,
+                                  make_loader, micro_batches, rescale_cursor, shard_order)
+from pipeline.data.transforms import eval_transform
+
+TRANSFORM = eval_transform(16, 1.0, "bilinear")
+
+
+def streams(split, cursor, rank, world, workers, sub_batch, seed=0, block=50):
+    return TrainStreams(split, TRANSFORM, seed=seed, block=block, cursor=cursor, rank=rank,
+                        world=world, workers=workers, sub_batch=sub_batch)
+
+
+def rank_batches(split, cursor, rank, world, workers, sub_batch, steps, **kw):
+    """A rank's first `steps` micro-batches: one batch from each worker, round-robin."""
+    ds = streams(split, cursor, rank, world, workers, sub_batch, **kw)
+    its = [ds.iter_worker(k) for k in range(workers)]
+    out = []
+    for _ in range(steps):
+        parts = [next(it) for it in its]
+        out.append({"key": [k for p in parts for k in p["key"]],
+                    "index": torch.cat([p["index"] for p in parts]),
+                    "image": torch.cat([p["image"] for p in parts])})
+    return out
+
+
+def global_batches(split, cursor, world, workers, micro_batch, steps, **kw):
+    layout = StreamLayout.plan(micro_batch, world, workers, cursor.num_streams or None)
+    cursor = Cursor(cursor.epoch, cursor.offset, layout.num_streams, cursor.segments)
+    per_rank = [rank_batches(split, cursor, r, world, workers, layout.sub_batch, steps, **kw)
+                for r in range(world)]
+    return [[k for r in range(world) for k in per_rank[r][s]["key"]] for s in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def split(demo_shards):
+    return load_split(demo_shards["pretrain"], "train")
+
+
+def test_one_epoch_reads_every_sample_once(split):
+    world, workers, micro = 2, 2, 8
+    layout = StreamLayout.plan(micro, world, workers)                  # 4 streams, sub-batch 4
+    n_streams = layout.num_streams
+    per_stream = split.num_samples // n_streams
+    steps = per_stream // layout.sub_batch
+    batches = global_batches(split, Cursor(0, 0, n_streams), world, workers, micro, steps)
+    keys = [k for b in batches for k in b]
+    assert len(keys) == len(set(keys))                                  # no duplicates
+    all_keys = set()
+    for url in split.urls:
+        from pipeline.data.reader import open_shard
+        all_keys |= {s["__key__"] for s in open_shard(url)}
+    missing = all_keys - set(keys)
+    # the documented remainder: N - S * L (< S) plus the partial last sub-batch of each stream
+    assert len(missing) == split.num_samples - n_streams * steps * layout.sub_batch
+    assert len(missing) < n_streams * (layout.sub_batch + 1)
+
+
+def test_ranks_get_equal_batches_and_different_samples(split):
+    per_rank = [rank_batches(split, Cursor(0, 0, 4), r, 2, 2, 4, steps=10) for r in range(2)]
+    assert [len(b) for b in per_rank] == [10, 10]
+    assert all(len(b["key"]) == 8 for rb in per_rank for b in rb)
+    assert not ({k for b in per_rank[0] for k in b["key"]} & {k for b in per_rank[1] for k in b["key"]})
+
+
+def test_global_batches_do_not_depend_on_how_streams_map_to_processes(split):
+    one = global_batches(split, Cursor(0, 0, 0), world=1, workers=2, micro_batch=16, steps=30)
+    two = global_batches(split, Cursor(0, 0, 0), world=2, workers=1, micro_batch=8, steps=30)
+    assert [sorted(b) for b in one] == [sorted(b) for b in two]
+
+
+def test_images_are_augmented_identically_wherever_they_are_read(split):
+    from pipeline.data.transforms import train_transform
+    from pipeline.recipe import load_recipe
+    from conftest import ROOT
+    aug = load_recipe(ROOT / "recipes" / "demo.yaml").pretrain.augment
+    kw = dict(seed=3, block=50)
+
+    def images(world, workers, micro):
+        layout = StreamLayout.plan(micro, world, workers)
+        out = {}
+        for r in range(world):
+            ds = TrainStreams(split, train_transform(24, aug), cursor=Cursor(0, 0, layout.num_streams),
+                              rank=r, world=world, workers=workers, sub_batch=layout.sub_batch, **kw)
+            for k in range(workers):
+                b = next(ds.iter_worker(k))
+                out.update({key: img for key, img in zip(b["key"], b["image"])})
+        return out
+
+    a, b = images(1, 2, 8), images(2, 1, 4)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shard_order_changes_every_epoch_but_is_shared():
+    orders = [tuple(shard_order(12, seed=0, epoch=e)) for e in range(5)]
+    assert len(set(orders)) == 5
+    assert orders[0] == tuple(shard_order(12, seed=0, epoch=0))
+
+
+def test_resume_from_a_cursor_continues_the_exact_sequence(split):
+    world, workers, micro = 2, 2, 8
+    full = global_batches(split, Cursor(0, 0, 0), world, workers, micro, steps=70)  # > 1 epoch
+    layout = StreamLayout.plan(micro, world, workers)
+    for done in (7, 44, 45):                                          # mid-epoch and across epochs
+        cursor = advance(Cursor(0, 0, layout.num_streams), split.num_samples, done * layout.sub_batch)
+        rest = global_batches(split, cursor, world, workers, micro, steps=70 - done)
+        assert rest == full[done:], done
+
+
+def test_resume_on_a_different_number_of_streams_finishes_the_epoch_exactly(split):
+    layout = StreamLayout.plan(8, 1, 2)                              # 2 streams
+    epoch_len = split.num_samples // 2
+    done = 17
+    before = global_batches(split, Cursor(0, 0, 2), 1, 2, 8, steps=done)
+    cursor = advance(Cursor(0, 0, 2), split.num_samples, done * layout.sub_batch)
+    cursor3 = rescale_cursor(cursor, split.num_samples, 3)           # now 3 processes x 1 worker
+    rest_len = (2 * (epoch_len - done * layout.sub_batch)) // 3
+    steps = rest_len // 2                                            # sub-batch 2 per stream
+    after = global_batches(split, cursor3, 3, 1, 2, steps=steps)
+    seen = [k for b in before + after for k in b]
+    assert len(seen) == len(set(seen))                               # nothing twice
+    assert split.num_samples - len(seen) < 2 * 3 + 3 * 2 + 2         # only the small remainders left
+    # and the next epoch starts with the new layout
+    nxt = advance(cursor3, split.num_samples, rest_len)
+    assert nxt.epoch == 1 and nxt.segments is None and nxt.num_streams == 3
+
+
+@pytest.mark.parametrize("world,workers,batch", [(1, 1, 32), (3, 2, 10), (2, 3, 64)])
+def test_eval_reads_every_sample_exactly_once(split, world, workers, batch):
+    seen = []
+    for r in range(world):
+        ds = EvalShards(split, TRANSFORM, rank=r, world=world, workers=workers, batch=batch)
+        for k in range(workers):
+            lo, hi = ds.positions(k)
+            seen.extend(range(lo, hi))
+    assert sorted(seen) == list(range(split.num_samples))
+
+
+def test_real_dataloader_workers_give_the_emulated_sequence(split):
+    layout = StreamLayout.plan(8, 1, 2)
+    ds = streams(split, Cursor(0, 0, layout.num_streams), 0, 1, 2, layout.sub_batch)
+    loader = make_loader(ds, 2)
+    real = [b["key"] for b in itertools.islice(micro_batches(loader, 2), 12)]
+    emulated = [b["key"] for b in rank_batches(split, Cursor(0, 0, 2), 0, 1, 2, 4, steps=12)]
+    assert real == emulated
+
+
+def test_batches_mix_classes_and_follow_the_block_permutation(split):
+    from pipeline.data.reader import PositionReader
+    ds = streams(split, Cursor(0, 0, 1), 0, 1, 1, 32)               # one stream, block 50
+    first = next(ds.iter_worker(0))
+    assert len(set(first["label"].tolist())) >= 4                  # 5 classes, shuffled
+    in_shard_order = [r["__key__"] for r in
+                      PositionReader(split, shard_order(len(split.urls), 0, 0)).read(0, 50)]
+    assert set(first["key"]) <= set(in_shard_order)                # drawn from the first block
+    assert first["key"] != in_shard_order[:32]                      # ... in a permuted order
