@@ -176,6 +176,7 @@ def model_config(model: nn.Module, arch: str, model_args: dict, class_names: lis
                  extra: dict[str, Any]) -> dict[str, Any]:
     """config.json in timm's hub format (so `timm.create_model('local-dir:...')` works)."""
     from pipeline.data.transforms import MEAN, STD
+    timm_cfg = getattr(model, "pretrained_cfg", None) or {}
     return {
         "architecture": arch,
         "model_args": model_args,
@@ -192,8 +193,8 @@ def model_config(model: nn.Module, arch: str, model_args: dict, class_names: lis
             "interpolation": interpolation,
             "mean": list(MEAN),
             "std": list(STD),
-            "classifier": "head.fc",
-            "first_conv": "stem.conv1",
+            "classifier": timm_cfg.get("classifier", "head.fc"),
+            "first_conv": timm_cfg.get("first_conv", "stem.conv1"),
         },
         "nfnet_pipeline": extra,
     }

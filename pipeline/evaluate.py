@@ -1,8 +1,12 @@
 """Evaluation: exactly one prediction per sample, on one or many processes, and the metrics.
 
 Every process predicts a contiguous range of the split (no padding, so no duplicates under DDP),
-then the per-sample results are gathered and the count is checked against the manifest.
-Metrics: top-1, top-5, NLL, expected calibration error, per-class accuracy, confusion matrix.
+then the per-sample results are gathered to every process, ordered by position, and checked: one
+prediction for each of the manifest's samples, no gaps, no repeats.
+Metrics: top-1, top-5, NLL, expected calibration error, per-class accuracy, confusion matrix,
+inference throughput. The eval transform is timm's (`transforms_imagenet_eval`) at the test
+resolution, crop fraction, crop mode and interpolation of the checkpoint's config.json, with its
+mean / std: the same numbers `timm.data.resolve_data_config(..., use_test_size=True)` gives.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from torch import nn
 
 from pipeline.data.manifest import SplitInfo
 from pipeline.data.reader import EvalShards, make_loader
-from pipeline.data.transforms import normalize
+from pipeline.data.transforms import MEAN, STD
 
 
 @dataclass
@@ -28,49 +32,73 @@ class Predictions:
     top5: np.ndarray       # (N, k) predicted classes, best first (k = min(5, classes))
     prob: np.ndarray       # (N,) softmax probability of the top-1 class
     nll: np.ndarray        # (N,) -log p(label)
-    img_per_s: float       # inference throughput of this run (all processes)
+    img_per_s: float       # end-to-end throughput: decoding, transform and forward, all processes
+    forward_img_per_s: float = float("nan")   # the model's forward passes alone, all processes
 
 
 @torch.no_grad()
 def predict(model: nn.Module, split: SplitInfo, transform, *, batch: int, workers: int,
             device: torch.device, rank: int = 0, world: int = 1,
-            autocast: Optional[Any] = None, channels_last: bool = False) -> Predictions:
-    """Predict every sample of `split` once; with world > 1, call on every process."""
+            autocast: Optional[Any] = None, channels_last: bool = False,
+            mean: tuple = MEAN, std: tuple = STD) -> Predictions:
+    """Predict every sample of `split` exactly once; with world > 1, call it on every process
+    (each reads a contiguous range; the results are gathered to all of them)."""
     model.eval()
     ds = EvalShards(split, transform, rank=rank, world=world, workers=workers, batch=batch)
     loader = make_loader(ds, workers, pin_memory=device.type == "cuda")
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     parts: list[dict[str, np.ndarray]] = []
-    n_local, t0 = 0, time.perf_counter()
+    t_forward, t0 = 0.0, time.perf_counter()
     for b in loader:
-        x = normalize(b["image"].to(device, non_blocking=True), channels_last)
+        x = b["image"].to(device, non_blocking=True).float().sub_(mean_t).div_(std_t)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        _sync(device)
+        t1 = time.perf_counter()
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
             logits = model(x)
+        _sync(device)
+        t_forward += time.perf_counter() - t1
         logp = torch.log_softmax(logits.float(), dim=1)
         y = b["label"].to(device)
+        if int(y.max()) >= logp.shape[1] or int(y.min()) < 0:
+            raise ValueError(f"split '{split.name}' has label {int(y.max())} but the model has "
+                             f"{logp.shape[1]} classes: evaluate on the label set it was trained on")
         k = min(5, logp.shape[1])
         top = logp.topk(k, dim=1)
         parts.append({"index": b["index"].numpy(), "label": b["label"].numpy(),
                       "top5": top.indices.cpu().numpy(), "prob": top.values[:, 0].exp().cpu().numpy(),
                       "nll": (-logp.gather(1, y[:, None])[:, 0]).cpu().numpy()})
-        n_local += len(b["label"])
     elapsed = time.perf_counter() - t0
     if world > 1:
-        parts = gather_object(parts)
+        parts = gather_object(parts)            # every process's list, concatenated
         elapsed = max(gather_object([elapsed]))
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        t_forward = max(gather_object([t_forward]))
+    n = split.num_samples
+    if not parts:
+        raise RuntimeError(f"evaluation produced no predictions for split '{split.name}' ({n} samples)")
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.argsort(merged["index"], kind="stable")
     merged = {k: v[order] for k, v in merged.items()}
-    n = split.num_samples
     if len(merged["index"]) != n or not np.array_equal(merged["index"], np.arange(n)):
         raise RuntimeError(f"evaluation produced {len(merged['index'])} predictions for {n} "
                            f"samples of split '{split.name}' (duplicates or gaps)")
     return Predictions(merged["index"], merged["label"], merged["top5"], merged["prob"],
-                       merged["nll"], n / max(elapsed, 1e-9))
+                       merged["nll"], n / max(elapsed, 1e-9), n / max(t_forward, 1e-9))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def compute_metrics(p: Predictions, class_names: list[str], bins: int = 15) -> dict[str, Any]:
-    """Top-1/top-5 (%), NLL, ECE, per-class accuracy and confusion matrix from predictions."""
+    """Top-1/top-5 (%), NLL, ECE, per-class top-1 (%), confusion matrix (rows: actual, columns:
+    predicted) and the reliability bins, from predictions."""
     num_classes = len(class_names)
+    if len(p.label) and int(p.label.max()) >= num_classes:
+        raise ValueError(f"label {int(p.label.max())} but only {num_classes} class names")
     correct1 = p.top5[:, 0] == p.label
     correct5 = (p.top5 == p.label[:, None]).any(axis=1)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -87,6 +115,7 @@ def compute_metrics(p: Predictions, class_names: list[str], bins: int = 15) -> d
         "nll": float(p.nll.mean()),
         "ece": calib["ece"],
         "img_per_s": float(p.img_per_s),
+        "forward_img_per_s": float(p.forward_img_per_s),
         "per_class_top1": per_class,
         "confusion": confusion.tolist(),
         "calibration": calib["bins"],
@@ -110,32 +139,97 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int) -> dict[
     return {"ece": float(ece), "bins": rows}
 
 
+@dataclass
+class EvalSettings:
+    """How a checkpoint is evaluated: the fields of timm's data config."""
+    res: int | tuple[int, int]
+    crop_pct: float
+    crop_mode: str
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def transform(self):
+        from timm.data.transforms_factory import transforms_imagenet_eval
+        # uint8 tensors out (use_prefetcher); `predict` normalises with mean / std on the device
+        return transforms_imagenet_eval(img_size=self.res, crop_pct=self.crop_pct,
+                                        crop_mode=self.crop_mode, interpolation=self.interpolation,
+                                        mean=self.mean, std=self.std, use_prefetcher=True)
+
+
 def eval_settings(config: dict[str, Any], test_res: Optional[int] = None,
                   crop_pct: Optional[float] = None, interpolation: Optional[str] = None
-                  ) -> tuple[int, float, str, str]:
-    """(resolution, crop_pct, interpolation, crop_mode): the recipe's value where set, else the
-    one that travels with the checkpoint's config.json."""
-    pc = config["pretrained_cfg"]
-    res = test_res or pc.get("test_input_size", pc["input_size"])[-1]
-    crop = crop_pct or pc.get("test_crop_pct", pc.get("crop_pct", 0.875))
-    return int(res), float(crop), interpolation or pc.get("interpolation", "bicubic"), \
-        pc.get("crop_mode", "center")
+                  ) -> EvalSettings:
+    """The checkpoint's test resolution, crop fraction, crop mode, interpolation, mean and std
+    (config.json's `pretrained_cfg`, resolved with the precedence and defaults of timm's
+    `resolve_data_config(..., use_test_size=True)`); a recipe value, where given, wins."""
+    pc = config.get("pretrained_cfg") or {}
+    size = pc.get("test_input_size") or pc.get("input_size") or (3, 224, 224)
+    h, w = int(size[-2]), int(size[-1])
+    res: int | tuple[int, int] = test_res or (h if h == w else (h, w))
+    return EvalSettings(
+        res=res,
+        crop_pct=float(crop_pct or pc.get("test_crop_pct") or pc.get("crop_pct") or 0.875),
+        crop_mode=pc.get("crop_mode") or "center",
+        interpolation=interpolation or pc.get("interpolation") or "bicubic",
+        mean=tuple(pc.get("mean") or MEAN), std=tuple(pc.get("std") or STD))
+
+
+def class_names_of(config: dict[str, Any]) -> list[str]:
+    return [str(n) for n in config.get("label_names") or range(config["num_classes"])]
+
+
+def load_models(folder, wanted: list[str], device: torch.device | str = "cpu"
+                ) -> tuple[dict[str, nn.Module], dict[str, Any], list[str]]:
+    """({label: model}, config, messages) for the weights in `wanted` (ema, raw) that the model
+    folder has, each file loaded once; a published folder's single file is labelled `published`."""
+    from safetensors.torch import load_file
+
+    from pipeline import checkpoint as ckpt
+    from pipeline.transfer import model_weights
+    config = ckpt.read_model_config(folder)
+    models, seen, messages = {}, set(), []
+    for w in wanted:
+        try:
+            path, label, message = model_weights(folder, w)
+        except ckpt.CheckpointError as e:
+            messages.append(f"skipping {w} weights: {e}")
+            continue
+        if path in seen:
+            continue
+        seen.add(path)
+        messages += [message] if message else []
+        model = ckpt.build_from_config(config)
+        try:
+            missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        except RuntimeError as e:                       # shape mismatches
+            raise ckpt.CheckpointError(f"{path} does not fit {config['architecture']}: "
+                                       f"{str(e)[:600]}") from None
+        if missing or unexpected:
+            raise ckpt.CheckpointError(f"{path} does not fit {config['architecture']} "
+                                       f"{config.get('model_args', {})}: missing {missing[:5]}, "
+                                       f"unexpected {unexpected[:5]}")
+        models[label] = model.to(device).eval()
+    return models, config, messages
 
 
 def validate(models: dict[str, nn.Module], split: SplitInfo, config: dict[str, Any], *,
              batch: int, workers: int, device: torch.device, rank: int = 0, world: int = 1,
-             autocast: Optional[Any] = None, bins: int = 15) -> dict[str, dict[str, Any]]:
-    """Metrics per named model (e.g. {"ema": ..., "raw": ...}) at the config's test settings."""
-    from pipeline.data.transforms import eval_transform
-    res, crop, interp, mode = eval_settings(config)
-    transform = eval_transform(res, crop, interp, mode)
+             autocast: Optional[Any] = None, bins: int = 15, test_res: Optional[int] = None,
+             crop_pct: Optional[float] = None, interpolation: Optional[str] = None
+             ) -> dict[str, dict[str, Any]]:
+    """Metrics per named model (e.g. {"ema": ..., "raw": ...}) at the config's test settings
+    (`test_res`, `crop_pct`, `interpolation` override them). Call on every process."""
+    settings = eval_settings(config, test_res, crop_pct, interpolation)
+    transform = settings.transform()
     out = {}
     for name, model in models.items():
         preds = predict(model, split, transform, batch=batch, workers=workers, device=device,
-                        rank=rank, world=world, autocast=autocast)
-        out[name] = compute_metrics(preds, list(config.get("label_names") or
-                                                [str(i) for i in range(config["num_classes"])]), bins)
-        out[name].update(test_res=res, crop_pct=crop, interpolation=interp)
+                        rank=rank, world=world, autocast=autocast, mean=settings.mean,
+                        std=settings.std)
+        out[name] = compute_metrics(preds, class_names_of(config), bins)
+        out[name].update(test_res=settings.res, crop_pct=settings.crop_pct,
+                         crop_mode=settings.crop_mode, interpolation=settings.interpolation)
     return out
 
 

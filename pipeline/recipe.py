@@ -87,7 +87,8 @@ class TrainSection:
     warmup_epochs: Optional[float] = None
     warmup_steps: Optional[int] = None
     global_batch: int                     # samples per optimizer step, all devices together
-    micro_batch: int                      # samples per device per forward pass
+    micro_batch: int                      # most samples per device per forward pass (memory);
+                                          # fewer when global_batch / processes is smaller
     lr_base: float
     lr_batch_scaling: bool                # lr = lr_base * global_batch / 256 when true
     momentum: float
@@ -116,6 +117,8 @@ class TrainSection:
         if self.global_batch % self.micro_batch:
             raise RecipeError(f"{where}.global_batch ({self.global_batch}) must be a multiple of "
                               f"{where}.micro_batch ({self.micro_batch})")
+        if self.micro_batch < 1 or self.global_batch < 1:
+            raise RecipeError(f"{where}: global_batch and micro_batch must be positive")
 
 
 @dataclass(kw_only=True)
@@ -345,6 +348,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

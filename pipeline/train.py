@@ -50,6 +50,7 @@ class Plan:
     epochs: float
     data_streams: int
     sub_batch: int
+    loader_workers: int
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,12 +58,15 @@ class Plan:
 
 def make_plan(section: TrainSection, num_samples: int, processes: int,
               num_streams: Optional[int] = None) -> Plan:
-    per_step = section.micro_batch * processes
-    if section.global_batch % per_step:
+    # micro_batch is the most a device holds; when the global batch spread over the processes
+    # is smaller (many GPUs), each device takes that share and accumulation drops to 1.
+    micro = min(section.micro_batch, section.global_batch // processes)
+    per_step = micro * processes
+    if micro < 1 or section.global_batch % per_step:
         raise ValueError(
-            f"global_batch {section.global_batch} is not a multiple of micro_batch x processes "
-            f"({section.micro_batch} x {processes} = {per_step}); change micro_batch or the "
-            f"number of processes")
+            f"global_batch {section.global_batch} cannot be split evenly into micro-batches of "
+            f"at most {section.micro_batch} on {processes} processes; choose a micro_batch (or a "
+            f"process count) that divides it")
     steps_per_epoch = num_samples / section.global_batch
     total = section.steps if section.steps is not None else int(section.epochs * steps_per_epoch)
     warmup = (section.warmup_steps if section.warmup_steps is not None
@@ -72,12 +76,11 @@ def make_plan(section: TrainSection, num_samples: int, processes: int,
                          f"{section.global_batch}; lower global_batch or raise epochs/steps")
     if warmup >= total:
         raise ValueError(f"warm-up ({warmup} steps) must be shorter than the run ({total} steps)")
-    layout = StreamLayout.plan(section.micro_batch, processes, section.loader.num_workers,
-                               num_streams)
+    layout = StreamLayout.plan(micro, processes, section.loader.num_workers, num_streams)
     lr = section.lr_base * section.global_batch / 256 if section.lr_batch_scaling else section.lr_base
-    return Plan(num_samples, processes, section.global_batch, section.micro_batch,
+    return Plan(num_samples, processes, section.global_batch, micro,
                 section.global_batch // per_step, lr, steps_per_epoch, total, warmup,
-                total / steps_per_epoch, layout.num_streams, layout.sub_batch)
+                total / steps_per_epoch, layout.num_streams, layout.sub_batch, layout.loader_workers)
 
 
 def ema_decay(step: int, max_decay: float) -> float:
@@ -155,9 +158,9 @@ def run(job: Job) -> dict[str, Any]:
     dataset = TrainStreams(split, train_transform(section.train_res, section.augment),
                            seed=section.seed, block=section.loader.shuffle_block, cursor=cursor,
                            rank=acc.process_index, world=acc.num_processes,
-                           workers=section.loader.num_workers, sub_batch=plan.sub_batch)
-    batches = micro_batches(make_loader(dataset, section.loader.num_workers,
-                                        pin_memory=dev.type == "cuda"), max(1, section.loader.num_workers))
+                           workers=plan.loader_workers, sub_batch=plan.sub_batch)
+    batches = micro_batches(make_loader(dataset, plan.loader_workers, pin_memory=dev.type == "cuda"),
+                            max(1, plan.loader_workers))
     if acc.log_with:
         acc.init_trackers(job.stage, config=_flat(to_dict(section)),
                           init_kwargs={"dvclive": {"dir": str(out / "dvclive"), "dvcyaml": None,
@@ -174,37 +177,11 @@ def run(job: Job) -> dict[str, Any]:
         job.record_keys.mkdir(parents=True, exist_ok=True)
         keys_log = open(job.record_keys / f"rank{acc.process_index}.jsonl", "a", buffering=1)
     t_log, steps_since, last_loss, rate, t_start = time.perf_counter(), 0, float("nan"), 0.0, time.perf_counter()
+    loop = _Loop(acc, ddp_model, optimizer, agc, section, plan, batches, keys_log)
     ddp_model.train()
     while step < plan.total_steps:
         scheduler.step_update(step)
-        # dropout / stochastic depth draw from the global RNG: reseed it from (seed, step, rank)
-        torch.manual_seed(section.seed * 1_000_003 + step * acc.num_processes + acc.process_index)
-        step_loss = torch.zeros((), device=dev)
-        for micro in range(plan.accum_steps):
-            batch = next(batches)
-            if keys_log:
-                keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch["key"]}) + "\n")
-            x = normalize(batch["image"].to(dev, non_blocking=True), section.channels_last)
-            y = batch["label"].to(dev, non_blocking=True)
-            rng = np.random.default_rng([section.seed, step, micro, acc.process_index])
-            x, ya, yb, ratio = mix_batch(x, y, section.augment.mixup_alpha,
-                                         section.augment.cutmix_alpha, rng)
-            with acc.accumulate(ddp_model):
-                with acc.autocast():
-                    logits = ddp_model(x)
-                loss = mixed_cross_entropy(logits.float(), ya, yb, ratio, section.label_smoothing)
-                acc.backward(loss)
-                step_loss += loss.detach() / plan.accum_steps
-                if acc.sync_gradients:
-                    if agc is not None:
-                        agc()
-                    if section.nan_policy == "skip" and not _all_finite(acc, step_loss):
-                        optimizer.zero_grad(set_to_none=True)   # drop the step (syncs each step)
-                        if main:
-                            print(f"[{job.stage}] step {step}: non-finite loss, step skipped")
-                        continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        step_loss = loop.step(step)
         finite = torch.isfinite(step_loss)
         bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
         loss_sum += torch.where(finite, step_loss, torch.zeros_like(step_loss))
@@ -253,6 +230,100 @@ def run(job: Job) -> dict[str, Any]:
             "resumed_from_step": start_step, "plan": plan.as_dict(),
             "model": acc.unwrap_model(ddp_model), "ema": ema.module if ema else None,
             "accelerator": acc}
+
+
+@dataclass
+class _Loop:
+    """One optimiser step: micro-batches, (SAM,) backward, AGC after the reduce, SGD."""
+    acc: Accelerator
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    agc: Optional[AGC]
+    section: TrainSection
+    plan: Plan
+    batches: Any
+    keys_log: Any
+
+    def inputs(self, batch: dict, step: int, micro: int):
+        """Normalised, mixed inputs of a micro-batch; the same for the same (step, micro)."""
+        dev, s = self.acc.device, self.section
+        x = normalize(batch["image"].to(dev, non_blocking=True), s.channels_last)
+        y = batch["label"].to(dev, non_blocking=True)
+        rng = np.random.default_rng([s.seed, step, micro, self.acc.process_index])
+        return mix_batch(x, y, s.augment.mixup_alpha, s.augment.cutmix_alpha, rng)
+
+    def loss(self, inputs) -> torch.Tensor:
+        x, ya, yb, ratio = inputs
+        with self.acc.autocast():
+            logits = self.ddp_model(x)
+        return mixed_cross_entropy(logits.float(), ya, yb, ratio, self.section.label_smoothing)
+
+    def reseed(self, step: int) -> None:
+        # dropout / stochastic depth draw from the global RNG: reseed it from (seed, step, rank),
+        # so a resumed run (and SAM's second pass) draws the same masks
+        acc = self.acc
+        torch.manual_seed(self.section.seed * 1_000_003 + step * acc.num_processes + acc.process_index)
+
+    def step(self, step: int) -> torch.Tensor:
+        acc, plan, s = self.acc, self.plan, self.section
+        batches = [next(self.batches) for _ in range(plan.accum_steps)] if s.sam_rho else None
+        step_loss = torch.zeros((), device=acc.device)
+        perturbation = None
+        if s.sam_rho:
+            step_loss = self._sam_ascent(batches, step)
+            perturbation = self._sam_perturb()
+        self.reseed(step)
+        for micro in range(plan.accum_steps):
+            batch = batches[micro] if batches is not None else next(self.batches)
+            if self.keys_log and perturbation is None:
+                self.keys_log.write(json.dumps({"step": step, "micro": micro,
+                                                "keys": batch["key"]}) + "\n")
+            with acc.accumulate(self.ddp_model):
+                loss = self.loss(self.inputs(batch, step, micro))
+                acc.backward(loss)
+                if not s.sam_rho:
+                    step_loss += loss.detach() / plan.accum_steps
+                if acc.sync_gradients:           # gradients are reduced and accumulated here
+                    if perturbation is not None:
+                        with torch.no_grad():
+                            torch._foreach_sub_(*perturbation)       # back to w before AGC
+                    if self.agc is not None:
+                        self.agc()
+                    if s.nan_policy == "skip" and not _all_finite(acc, step_loss):
+                        self.optimizer.zero_grad(set_to_none=True)   # drop the step (syncs)
+                        if acc.is_main_process:
+                            print(f"step {step}: non-finite loss, step skipped")
+                        continue
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    def _sam_ascent(self, batches: list[dict], step: int) -> torch.Tensor:
+        """SAM's first pass: this process's gradient at w, not reduced across processes
+        (DDP's no_sync); the second pass's gradient is reduced once, as usual."""
+        acc, plan = self.acc, self.plan
+        self.reseed(step)
+        total = torch.zeros((), device=acc.device)
+        with acc.no_sync(self.ddp_model):
+            for micro, batch in enumerate(batches):
+                if self.keys_log:
+                    self.keys_log.write(json.dumps({"step": step, "micro": micro,
+                                                    "keys": batch["key"]}) + "\n")
+                loss = self.loss(self.inputs(batch, step, micro))
+                acc.backward(loss)
+                total += loss.detach() / plan.accum_steps
+        return total
+
+    @torch.no_grad()
+    def _sam_perturb(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """w <- w + rho * g / ||g||; returns (params, perturbation) to undo it."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        e = torch._foreach_mul(grads, self.section.sam_rho / (norm + 1e-12))
+        torch._foreach_add_(params, e)
+        self.optimizer.zero_grad(set_to_none=True)
+        return params, e
 
 
 def _resumable(section: TrainSection) -> dict[str, Any]:

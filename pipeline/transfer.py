@@ -1,15 +1,22 @@
 """Fine-tuning initialisation: pretrained weights in, a new head sized to the target labels.
 
-`--init` accepts
+`--init` (the finetune stage) accepts
 - a model folder written by our pretrain / finetune stage (`runs/pretrain/model`): EMA weights by
-  default (`finetune.init.weights: raw` for the raw ones);
-- a folder written by our publish stage (config.json + model.safetensors);
-- `timm:<architecture>=<weights.safetensors>`: any timm model with local weights.
+  default, raw ones with `finetune.init.weights=raw`;
+- a folder written by our publish stage (config.json + model.safetensors, no ema.safetensors): its
+  one set of weights is used whatever `init.weights` says (publish already chose EMA or raw);
+- `timm:<architecture>=<weights.safetensors>`: any timm model with local weights (no download);
+- `none:<variant>`: a randomly initialised variant, the from-scratch baseline.
+
+The pretrained head is kept only when the target label set is the same (same class names, or the
+same count where the checkpoint has no names); otherwise it is dropped and a new one is
+initialised as the recipe says (zeros, as in DeepMind's fine-tuning code).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import timm
 import torch
@@ -22,99 +29,219 @@ from pipeline.recipe import FinetuneSection
 from pipeline.variants import set_stochastic_depth
 
 
-def load_init(init: str, weights: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """(config, state_dict, fingerprint) of the pretrained model named by `init`."""
-    if init.startswith("timm:"):
-        spec = init[len("timm:"):]
-        if "=" not in spec:
-            raise ckpt.CheckpointError(f"--init {init}: write timm:<architecture>=<weights.safetensors>"
-                                       f" (no download happens: the weights must be local)")
-        arch, path = spec.split("=", 1)
-        if not Path(path).is_file():
-            raise ckpt.CheckpointError(f"--init {init}: weights file {path} not found")
-        model = timm.create_model(arch, pretrained=False)
-        config = {"architecture": arch, "model_args": {}, "num_classes": model.num_classes,
-                  "label_names": [], "pretrained_cfg": dict(model.pretrained_cfg),
-                  "nfnet_pipeline": {"variant": arch}}
-        return config, load_file(path), ckpt.fingerprint(arch, sha256_file(path))
-    folder = Path(init)
-    config = ckpt.read_model_config(folder)
-    path = ckpt.weights_file(folder, weights)
-    return config, load_file(str(path)), ckpt.fingerprint(str(folder), weights, sha256_file(path))
+@dataclass
+class InitSource:
+    """What fine-tuning starts from: a config.json-like dict, its weights, and a fingerprint that
+    makes `--resume auto` refuse checkpoints of a run from other initial weights."""
+    config: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    fingerprint: str
+    weights_label: str                      # ema | raw | published | <file> | scratch
+    messages: list[str] = field(default_factory=list)
 
 
-def build_finetune_model(config: dict[str, Any], state: dict[str, torch.Tensor],
-                         class_names: list[str], section: FinetuneSection) -> tuple[nn.Module, list[str]]:
-    """The pretrained network with the recipe's dropout / stochastic depth and, when the label set
-    differs, a new head initialised as the recipe says. Returns (model, messages).
+# ------------------------------------------------------------------------------------------------
+# Where the weights come from
+# ------------------------------------------------------------------------------------------------
 
-    The label sets differ when both have class names and the names differ, or else when the
-    counts differ; only then is the pretrained head dropped.
+def is_published(folder: str | Path) -> bool:
+    """A folder written by the publish stage (or downloaded from the Hub): one model.safetensors,
+    no ema.safetensors, and the publish stage's SHA256SUMS or model card next to it."""
+    folder = Path(folder)
+    return ((folder / "model.safetensors").is_file() and not (folder / "ema.safetensors").exists()
+            and ((folder / "SHA256SUMS").is_file() or (folder / "README.md").is_file()))
+
+
+def model_weights(folder: str | Path, weights: str) -> tuple[Path, str, Optional[str]]:
+    """(file, label, message) of the `ema` / `raw` weights of a model folder.
+
+    A published folder holds only the weights publish chose (EMA by default), so both `ema` and
+    `raw` resolve to its model.safetensors, labelled `published`, with a message saying so.
     """
-    messages = []
+    folder = Path(folder)
+    if is_published(folder):
+        return (folder / "model.safetensors", "published",
+                f"{folder} is a published folder: its model.safetensors are the published weights "
+                f"(publish.weights chose EMA or raw); using them for weights={weights}")
+    return ckpt.weights_file(folder, weights), weights, None
+
+
+def load_init(init: str, weights: str = "ema", seed: int = 0) -> InitSource:
+    """The pretrained model named by `init` (see the module docstring for the forms)."""
+    if init.startswith("none:"):
+        return scratch_init(init[len("none:"):], seed)
+    if init.startswith("timm:"):
+        return timm_init(init)
+    folder = Path(init)
+    if not folder.is_dir():
+        raise ckpt.CheckpointError(
+            f"'{init}' is not a folder. Give a model folder (runs/pretrain/model), a published "
+            f"folder, timm:<architecture>=<weights.safetensors>, or none:<variant>")
+    config = ckpt.read_model_config(folder)
+    path, label, message = model_weights(folder, weights)
+    state = load_file(str(path))
+    _fill_num_classes(config, state)
+    return InitSource(config, state, ckpt.fingerprint(str(folder), label, sha256_file(path)),
+                      label, [message] if message else [])
+
+
+def timm_init(init: str) -> InitSource:
+    """`timm:<architecture>=<weights.safetensors>`: a timm model and a local state dict."""
+    spec = init[len("timm:"):]
+    if "=" not in spec:
+        raise ckpt.CheckpointError(f"write timm:<architecture>=<weights.safetensors> (no download "
+                                   f"happens: the weights must be a local file)")
+    arch, path = spec.split("=", 1)
+    if not timm.is_model(arch):
+        near = timm.list_models(f"*{arch.split('.')[0][:12]}*")[:8]
+        raise ckpt.CheckpointError(f"timm has no architecture '{arch}'"
+                                   + (f"; similar: {', '.join(near)}" if near else ""))
+    if not Path(path).is_file():
+        raise ckpt.CheckpointError(f"weights file {path} not found")
+    if not path.endswith(".safetensors"):
+        raise ckpt.CheckpointError(f"{path}: only .safetensors weights are read (no pickle); "
+                                   f"convert with safetensors.torch.save_file(model.state_dict(), ...)")
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    pc = {k: v for k, v in model.pretrained_cfg.items() if isinstance(v, (str, int, float, tuple, list))}
+    config = {"architecture": arch, "model_args": {}, "num_classes": model.num_classes,
+              "label_names": [], "pretrained_cfg": pc, "nfnet_pipeline": {"variant": arch}}
+    state = load_file(path)
+    _fill_num_classes(config, state)
+    return InitSource(config, state, ckpt.fingerprint(arch, sha256_file(path)), Path(path).name)
+
+
+def scratch_init(variant: str, seed: int = 0) -> InitSource:
+    """A randomly initialised variant, as if it were a pretrained checkpoint: the from-scratch
+    baseline that fine-tuning is compared against (same budget, same new head)."""
+    from pipeline.variants import build_model
+    model, arch, model_args = build_model(variant, num_classes=1, seed=seed)
+    config = {"architecture": arch, "model_args": model_args, "num_classes": 1, "label_names": [],
+              "pretrained_cfg": {}, "nfnet_pipeline": {"variant": variant, "from_scratch": True}}
+    return InitSource(config, model.state_dict(), ckpt.fingerprint("scratch", variant, seed),
+                      "scratch", [f"from scratch: {variant} with random weights (seed {seed})"])
+
+
+def _fill_num_classes(config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """The class count of the weights themselves (a timm default of 1000 may not be what was
+    saved): read from the classifier weight the config names."""
+    name = config.get("pretrained_cfg", {}).get("classifier")
+    if isinstance(name, str) and f"{name}.weight" in state:
+        config["num_classes"] = int(state[f"{name}.weight"].shape[0])
+
+
+def pretrain_res(config: dict[str, Any]) -> Optional[int]:
+    """The resolution the init weights were trained at, when the config records it."""
+    size = config.get("pretrained_cfg", {}).get("input_size")
+    return int(size[-1]) if size else None
+
+
+# ------------------------------------------------------------------------------------------------
+# The fine-tuning model
+# ------------------------------------------------------------------------------------------------
+
+def build_finetune_model(src: InitSource, class_names: list[str], section: FinetuneSection
+                         ) -> tuple[nn.Module, list[str]]:
+    """The pretrained network with the recipe's dropout / stochastic depth, its head kept or
+    replaced (see the module docstring), and the recipe's frozen modules. Returns (model, messages).
+    """
+    config, state = src.config, dict(src.state)
+    messages = list(src.messages)
     num_classes = len(class_names)
-    old_names = list(config.get("label_names") or [])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(section.seed)        # the same new head on every process and run
+        torch.manual_seed(section.seed)        # the same model on every process and run
         model = ckpt.build_from_config(config, num_classes=num_classes,
                                        drop_rate=section.model.drop_rate)
     set_stochastic_depth(model, section.model.drop_path_rate)
-    head = model.get_classifier()
-    head_keys = {k for k in state if _is_head_key(model, k)}
-    same = (old_names == list(class_names)) if old_names else config["num_classes"] == num_classes
-    if not same:
-        state = {k: v for k, v in state.items() if k not in head_keys}
-        why = (f"{config['num_classes']} pretrained classes -> {num_classes} target classes"
-               if config["num_classes"] != num_classes else
-               f"pretrained classes {old_names[:5]} differ from the target's {class_names[:5]}")
-        messages.append(f"new head: {why}; the old head is dropped, the new one initialised "
-                        f"with {section.init.head_init}")
-        with torch.no_grad():
-            if section.init.head_init == "zeros":
-                nn.init.zeros_(head.weight)
-            else:
-                nn.init.normal_(head.weight, 0.0, 0.01)
-            nn.init.zeros_(head.bias)
+    head_prefix = head_name(model)
+    head_keys = {k for k in state if k.startswith(head_prefix + ".")}
+    old_names = [str(n) for n in config.get("label_names") or []]
+    if config.get("nfnet_pipeline", {}).get("from_scratch"):
+        why = "training from scratch"
+    elif old_names and old_names != list(class_names):
+        why = (f"the pretrained classes {_short(old_names)} differ from the target's "
+               f"{_short(class_names)}")
+    elif config["num_classes"] != num_classes:
+        why = f"{config['num_classes']} pretrained classes -> {num_classes} target classes"
+    elif not head_keys:
+        why = "the pretrained weights have no classifier"
     else:
-        messages.append(f"head kept: the target has the same {num_classes} classes")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in head_keys]
+        why = None
+    if why is not None:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+        init_head(model, section.init.head_init)
+        messages.append(f"new head ({head_prefix}, {num_classes} classes): {why}; "
+                        f"{'the old head is dropped, ' if head_keys else ''}"
+                        f"the new one is initialised with {section.init.head_init}")
+    else:
+        messages.append(f"head kept ({head_prefix}): the target has the same {num_classes} classes"
+                        + (f" {_short(old_names)}" if old_names else " (no class names to compare)"))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:                  # shape mismatches
+        raise ckpt.CheckpointError(f"the weights do not fit {config['architecture']} "
+                                   f"{config.get('model_args', {})}: {str(e)[:600]}") from None
+    missing = [k for k in missing if not k.startswith(head_prefix + ".")]
     if missing or unexpected:
-        raise ckpt.CheckpointError(f"pretrained weights do not fit {config['architecture']}: "
-                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ckpt.CheckpointError(f"the weights do not fit {config['architecture']} "
+                                   f"{config.get('model_args', {})}: missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]}")
     frozen = freeze(model, section.init.freeze)
     if frozen:
-        messages.append(f"frozen: {frozen} parameters under {section.init.freeze}")
+        messages.append(f"frozen: {frozen:,} parameters under {', '.join(section.init.freeze)} "
+                        f"(not trained, not decayed)")
     return model, messages
 
 
-def _is_head_key(model: nn.Module, key: str) -> bool:
-    head_name = model.pretrained_cfg.get("classifier", "head.fc") if hasattr(model, "pretrained_cfg") else "head.fc"
-    return key.startswith(head_name + ".")
+def head_name(model: nn.Module) -> str:
+    """The module path of the classifier (`head.fc` for NFNets, `fc`, `classifier`, ...)."""
+    head = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    raise ckpt.CheckpointError(f"{type(model).__name__}: cannot locate its classifier module")
+
+
+def init_head(model: nn.Module, how: str) -> None:
+    """Zeros (DeepMind's fine-tuning) or N(0, 0.01) weights; zero bias."""
+    head = model.get_classifier()
+    with torch.no_grad():
+        if getattr(head, "weight", None) is not None:
+            if how == "zeros":
+                nn.init.zeros_(head.weight)
+            else:
+                nn.init.normal_(head.weight, 0.0, 0.01)
+        if getattr(head, "bias", None) is not None:
+            nn.init.zeros_(head.bias)
 
 
 def freeze(model: nn.Module, prefixes: list[str]) -> int:
-    """Stop gradients for parameters whose names start with any prefix; returns their count."""
+    """Stop gradients for parameters whose names start with any prefix; returns their count.
+    Frozen parameters get no gradient, so SGD, weight decay and AGC leave them untouched."""
     if not prefixes:
         return 0
     names = [n for n, _ in model.named_parameters()]
+    under = lambda n, p: n == p or n.startswith(p + ".")  # noqa: E731
     for p in prefixes:
-        if not any(n.startswith(p + ".") or n == p for n in names):
-            raise ValueError(f"finetune.init.freeze: no parameters under '{p}'; top-level modules "
-                             f"are {sorted({n.split('.')[0] for n in names})}")
+        if not any(under(n, p) for n in names):
+            raise ValueError(f"finetune.init.freeze: no parameters under '{p}'; this model's "
+                             f"modules are {', '.join(_module_prefixes(names))}")
     count = 0
     for n, param in model.named_parameters():
-        if any(n.startswith(p + ".") or n == p for p in prefixes):
+        if any(under(n, p) for p in prefixes):
             param.requires_grad_(False)
             count += param.numel()
     return count
 
 
-def scratch_init(variant: str, seed: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """A randomly initialised variant, as if it were a pretrained checkpoint (the from-scratch
-    baseline that fine-tuning is compared against)."""
-    from pipeline.variants import build_model
-    model, arch, model_args = build_model(variant, num_classes=1, seed=seed)
-    config = {"architecture": arch, "model_args": model_args, "num_classes": 1, "label_names": [],
-              "pretrained_cfg": {}, "nfnet_pipeline": {"variant": variant, "from_scratch": True}}
-    return config, model.state_dict(), ckpt.fingerprint("scratch", variant)
+def _module_prefixes(names: list[str]) -> list[str]:
+    """`stem`, `stages.0`, ..., `head.fc`: the prefixes a freeze list can name."""
+    out: dict[str, None] = {}
+    for n in names:
+        parts = n.split(".")
+        out[".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]] = None
+    return list(out)
+
+
+def _short(names: list[str], k: int = 5) -> str:
+    return "[" + ", ".join(names[:k]) + (", ..." if len(names) > k else "") + "]"

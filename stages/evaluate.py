@@ -1,14 +1,21 @@
-"""Evaluate a trained model on a held-out split at its test resolution: DVC metrics and plots.
+r"""Evaluate a trained model on a held-out split at its test resolution: DVC metrics and plots.
 
     accelerate launch --num_processes 8 stages/evaluate.py --recipe recipes/f0.yaml \
         --model runs/finetune-f0/model --shards /data/shards/imagenet --split val --out runs/evaluate-f0
     python stages/evaluate.py --recipe recipes/demo.yaml --model runs/finetune/model \
         --shards data/shards/finetune --out runs/evaluate                            # tiny, CPU
 
-Test resolution, crop fraction and interpolation travel with the model's config.json; the recipe's
-`evaluate` section may override them. Writes `<out>/metrics.json` (top-1, top-5, NLL, ECE, img/s;
-EMA and raw weights when both exist), `<out>/plots/` (per-class accuracy, confusion matrix,
-calibration: CSV for `dvc plots`, PNG to look at) and prints a short table.
+Test resolution, crop fraction, crop mode, interpolation and mean/std travel with the model's
+config.json (as timm's `resolve_data_config(..., use_test_size=True)` reads them); the recipe's
+`evaluate` section may override resolution, crop and interpolation. The weights in
+`evaluate.weights` that the folder has are evaluated (EMA and raw after training; a published
+folder's one set is reported as `published`). On any number of processes every validation sample
+is predicted exactly once (the count is checked). Writes
+    <out>/metrics.json         top-1, top-5, NLL, ECE, img/s of the first weights (EMA when there
+                               is one), the same for the others under their name (DVC metrics)
+    <out>/plots/               per_class.csv, confusion.csv, calibration.csv (`dvc plots`) and
+                               evaluation.png; per_class_top1 and the confusion matrix in details.json
+and prints a short table.
 """
 from __future__ import annotations
 
@@ -24,13 +31,16 @@ from accelerate import Accelerator  # noqa: E402
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
 from pipeline.data.manifest import ManifestError, load_split  # noqa: E402
-from pipeline.evaluate import validate, write_plots  # noqa: E402
+from pipeline.evaluate import class_names_of, load_models, validate, write_plots  # noqa: E402
 from pipeline.recipe import atomic_write_text, write_resolved  # noqa: E402
+
+SUMMARY = ("top1", "top5", "nll", "ece", "img_per_s", "forward_img_per_s")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = stage_parser(__doc__)
-    ap.add_argument("--model", type=Path, required=True, help="model folder (runs/finetune/model)")
+    ap.add_argument("--model", type=Path, required=True,
+                    help="model folder (runs/finetune/model) or a published folder")
     ap.add_argument("--shards", type=Path, required=True, help="shard folder with _info.json")
     ap.add_argument("--split", default="val", help="split to evaluate (default: val)")
     ap.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
@@ -42,54 +52,66 @@ def main(argv: list[str] | None = None) -> int:
         config = ckpt.read_model_config(args.model)
     except (ManifestError, ckpt.CheckpointError) as e:
         fail(str(e))
-    names = config.get("label_names") or []
-    if split.class_names and names and list(split.class_names) != list(names):
-        fail(f"the model's classes {names[:5]}... differ from the shards' {list(split.class_names)[:5]}...: "
-             f"evaluate on the label set the model was trained on")
+    names = class_names_of(config)
+    if split.class_names and config.get("label_names") and list(split.class_names) != names:
+        fail(f"the model's classes {names[:5]} differ from the shards' {list(split.class_names)[:5]} "
+             f"({args.shards}): evaluate on the label set the model was trained on")
+    if split.num_classes > len(names):
+        fail(f"the shards have {split.num_classes} classes, the model {len(names)}: evaluate on "
+             f"the label set the model was trained on")
 
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    models = {}
-    for w in section.weights:
-        try:
-            models[w] = ckpt.load_model_dir(args.model, w, device=acc.device)[0]
-        except ckpt.CheckpointError as e:
-            if acc.is_main_process:
-                print(f"[evaluate] skipping {w} weights: {e}")
+    try:
+        models, config, messages = load_models(args.model, section.weights, acc.device)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
+    for m in messages if acc.is_main_process else []:
+        print(f"[evaluate] {m}")
     if not models:
-        fail(f"{args.model}: none of the weights {section.weights} could be loaded")
-    for cfg_key, value in (("test_res", section.test_res), ("crop_pct", section.crop_pct),
-                           ("interpolation", section.interpolation)):
-        if value is not None:
-            pc = config["pretrained_cfg"]
-            if cfg_key == "test_res":
-                pc["test_input_size"] = [3, value, value]
-            elif cfg_key == "crop_pct":
-                pc["test_crop_pct"] = value
-            else:
-                pc["interpolation"] = value
-    results = validate(models, split, config, batch=section.batch, workers=section.num_workers,
-                       device=acc.device, rank=acc.process_index, world=acc.num_processes,
-                       autocast=acc.autocast, bins=section.calibration_bins)
-    if not acc.is_main_process:
-        return 0
+        fail(f"{args.model}: none of the weights {section.weights} (evaluate.weights) are there")
+    try:
+        results = validate(models, split, config, batch=section.batch,
+                           workers=section.num_workers, device=acc.device,
+                           rank=acc.process_index, world=acc.num_processes,
+                           autocast=acc.autocast, bins=section.calibration_bins,
+                           test_res=section.test_res, crop_pct=section.crop_pct,
+                           interpolation=section.interpolation)
+    except (ValueError, RuntimeError) as e:
+        fail(f"{args.model} on {args.shards} ({args.split}): {e}")
+    if acc.is_main_process:
+        write_outputs(args, recipe, results, names)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return 0
+
+
+def write_outputs(args, recipe, results: dict[str, dict], names: list[str]) -> None:
     primary = "ema" if "ema" in results else next(iter(results))
     p = results[primary]
     metrics = {"weights": primary, "split": args.split, "num_samples": p["num_samples"],
-               "top1": p["top1"], "top5": p["top5"], "nll": p["nll"], "ece": p["ece"],
-               "img_per_s": p["img_per_s"], "test_res": p["test_res"], "crop_pct": p["crop_pct"],
-               "interpolation": p["interpolation"]}
+               **{k: p[k] for k in SUMMARY},
+               **{k: p[k] for k in ("test_res", "crop_pct", "crop_mode", "interpolation")}}
     for name, r in results.items():
         if name != primary:
-            metrics[name] = {k: r[k] for k in ("top1", "top5", "nll", "ece")}
-    write_resolved(recipe, "evaluate", args.out, {"model": str(args.model), "split": args.split})
+            metrics[name] = {k: r[k] for k in SUMMARY}
+    write_resolved(recipe, "evaluate", args.out, {"model": str(args.model), "split": args.split,
+                                                  "weights": list(results),
+                                                  "test_res": p["test_res"],
+                                                  "crop_pct": p["crop_pct"],
+                                                  "interpolation": p["interpolation"]},
+                   args.overrides)
+    details = {name: {k: r[k] for k in ("per_class_top1", "confusion", "calibration")}
+               for name, r in results.items()}
+    write_plots(args.out / "plots", p, names)
+    atomic_write_text(args.out / "plots" / "details.json", json.dumps(details) + "\n")
     atomic_write_text(args.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_plots(args.out / "plots", p, names or [str(i) for i in range(config["num_classes"])])
-    print(f"{'weights':>8} {'top1':>7} {'top5':>7} {'nll':>7} {'ece':>7}  ({p['num_samples']} "
-          f"samples, {p['test_res']} px, crop {p['crop_pct']:.3f})")
+    print(f"{p['num_samples']} samples of '{args.split}' at {p['test_res']} px, crop "
+          f"{p['crop_pct']:.3f} ({p['crop_mode']}), {p['interpolation']}")
+    print(f"{'weights':>10} {'top1':>7} {'top5':>7} {'nll':>7} {'ece':>7} {'img/s':>8}")
     for name, r in results.items():
-        print(f"{name:>8} {r['top1']:7.2f} {r['top5']:7.2f} {r['nll']:7.4f} {r['ece']:7.4f}")
-    return 0
+        print(f"{name:>10} {r['top1']:7.2f} {r['top5']:7.2f} {r['nll']:7.4f} {r['ece']:7.4f} "
+              f"{r['img_per_s']:8.1f}")
 
 
 if __name__ == "__main__":

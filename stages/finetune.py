@@ -1,14 +1,23 @@
-"""Fine-tune a pretrained NFNet on a labelled set at a higher resolution, with a new head.
+r"""Fine-tune a pretrained NFNet on a labelled set at a higher resolution, with a new head.
 
     accelerate launch --multi_gpu --num_processes 8 stages/finetune.py --recipe recipes/f4plus.yaml \
         --init runs/pretrain-f4plus/model --shards /data/shards/imagenet --out runs/finetune-f4plus
     python stages/finetune.py --recipe recipes/demo.yaml --init runs/pretrain/model \
         --shards data/shards/finetune --out runs/finetune finetune.epochs=1      # tiny, CPU
-    python stages/finetune.py --recipe recipes/demo.yaml --init none ...   # from scratch (baseline)
+    python stages/finetune.py --recipe recipes/demo.yaml --init none:tiny \
+        --shards data/shards/finetune --out runs/scratch            # from scratch, same budget
 
-`--init` is a model folder from the pretrain stage (EMA weights unless finetune.init.weights=raw),
-a folder from the publish stage, `timm:<architecture>=<weights.safetensors>`, or `none:<variant>`
-for a from-scratch baseline with the same budget. Writes the same outputs as the pretrain stage.
+`--init` is one of
+  runs/pretrain/model            a pretrain/finetune model folder: EMA weights, or raw ones with
+                                 finetune.init.weights=raw
+  publish/demo                   a folder from the publish stage: its one set of weights
+  timm:<arch>=<file.safetensors> any timm architecture with local weights (no download)
+  none:<variant>                 random weights: the from-scratch baseline with the same budget
+The head is kept when the target has the pretrained label set, otherwise replaced by a new one
+(finetune.init.head_init, zeros by default); finetune.init.freeze=[stem,stages.0] freezes modules.
+Trains at finetune.train_res (the paper's transfer raises it above the pretraining resolution)
+and writes the same outputs as the pretrain stage: model/ (config.json carries test resolution,
+crop and interpolation to the evaluate stage), checkpoints/, metrics.json, recipe.resolved.yaml.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ from pipeline import train  # noqa: E402
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
 from pipeline.data.manifest import ManifestError, load_split, read_manifest  # noqa: E402
 from pipeline.recipe import write_resolved  # noqa: E402
-from pipeline.transfer import build_finetune_model, load_init, scratch_init  # noqa: E402
+from pipeline.transfer import build_finetune_model, load_init, pretrain_res  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,17 +69,24 @@ def main(argv: list[str] | None = None) -> int:
         fail("--shards is required (the output folder of the shard stage)")
 
     try:
-        if args.init.startswith("none:"):
-            init_config, state, init_fp = scratch_init(args.init[len("none:"):], section.seed)
-        else:
-            init_config, state, init_fp = load_init(args.init, section.init.weights)
-        model, messages = build_finetune_model(init_config, state, class_names, section)
+        src = load_init(args.init, section.init.weights, section.seed)
+        model, messages = build_finetune_model(src, class_names, section)
     except (ckpt.CheckpointError, KeyError, ValueError) as e:
         fail(f"--init {args.init}: {e}")
+    init_config = src.config
+    before = pretrain_res(init_config)
+    if before is not None:
+        messages.append(f"resolution: pretrained at {before} px -> fine-tuning at "
+                        f"{section.train_res} px, testing at {section.test_res} px"
+                        + ("" if section.train_res > before else
+                           " (not above the pretraining resolution: the paper's transfer raises it)"))
     crop_pct = section.crop_pct or section.test_res / (section.test_res + 32)
     lineage = {**init_config.get("nfnet_pipeline", {}), "init": args.init,
-               "init_weights": section.init.weights, "recipe": recipe.name}
-    lineage.pop("step", None)
+               "init_weights": src.weights_label, "recipe": recipe.name}
+    for k in ("step", "stage", "fingerprint"):      # the init's own; the engine writes ours
+        lineage.pop(k, None)
+    if before is not None:
+        lineage["init_res"] = before
     config = ckpt.model_config(model, init_config["architecture"], init_config.get("model_args", {}),
                                class_names, section.train_res, section.test_res, crop_pct,
                                section.augment.interpolation, lineage)
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[finetune] {m}")
     write_resolved(recipe, "finetune", args.out, plan.as_dict(), args.overrides)
     job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
-                    init_fingerprint=init_fp, record_keys=args.log_samples)
+                    init_fingerprint=src.fingerprint, record_keys=args.log_samples)
     result = train.run(job)
     train.finish(result, job)
     return 0

@@ -1,4 +1,4 @@
-"""Pretrain an NFNet on webdataset shards.
+r"""Pretrain an NFNet on webdataset shards.
 
     accelerate launch --multi_gpu --num_processes 8 stages/pretrain.py --recipe recipes/f0.yaml \
         --shards /data/shards/imagenet --out runs/pretrain-f0          # full scale, 8 GPUs

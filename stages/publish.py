@@ -1,4 +1,4 @@
-"""Publish a trained model: safetensors weights, timm config.json and a model card, to a folder
+r"""Publish a trained model: safetensors weights, timm config.json and a model card, to a folder
 and optionally to the Hugging Face Hub.
 
     python stages/publish.py --recipe recipes/f0.yaml --model runs/finetune-f0/model \
@@ -6,10 +6,24 @@ and optionally to the Hugging Face Hub.
     python stages/publish.py --recipe recipes/demo.yaml --model runs/finetune/model \
         --metrics runs/evaluate/metrics.json --out publish/demo                 # tiny, local folder
 
-The folder loads with `timm.create_model("local-dir:<out>", pretrained=True)`. With `--repo` (or
-publish.repo in the recipe) it is uploaded with huggingface_hub; the token comes from HF_TOKEN or
-`huggingface-cli login` and is never printed or written. Without network the stage says so and
-leaves the local folder complete (exit code 3).
+The folder loads with `timm.create_model("local-dir:<out>", pretrained=True)`. The resolved recipes
+are found by following the model folders' `init` links (`runs/<stage>/recipe.resolved.yaml`);
+`--pretrain-recipe` names the pre-training one when its run has moved. With `--repo` (or
+publish.repo) the folder is uploaded as one commit with huggingface_hub: the repo is created if
+needed (`--private`), `--revision` names a branch (created from main if new), and the revision
+ends up holding exactly the folder's files. The token comes from HF_TOKEN or `hf auth login` and
+is never printed or written.
+
+Exit codes:
+    0  the folder is written (and uploaded, with --repo)
+    2  refused, with the reason: a bad recipe or input, no evaluation metrics (pass
+       --no-metrics-ok to publish without), tensors that do not match the architecture, or a
+       different model at --out or --repo (pass --force to replace it). A refusal at --repo
+       comes after the local folder is complete; any other leaves --out as it was.
+    3  the Hub cannot be reached (offline, HF_HUB_OFFLINE=1, no route to HF_ENDPOINT): nothing
+       uploaded, the local folder is complete; run the same command again when online
+    4  the Hub answered with an error (no or bad token, no write access): nothing uploaded, the
+       local folder is complete
 """
 from __future__ import annotations
 
@@ -21,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
-from pipeline.hub import PublishError, export_folder, push  # noqa: E402
+from pipeline.hub import PublishError, export_folder, lineage_recipes, metrics_for, push  # noqa: E402
 from pipeline.recipe import resolved_text  # noqa: E402
 
 
@@ -30,19 +44,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, required=True, help="model folder (runs/finetune/model)")
     ap.add_argument("--metrics", type=Path, help="the evaluate stage's metrics.json")
     ap.add_argument("--out", type=Path, required=True, help="folder to write (the local hub copy)")
-    ap.add_argument("--repo", help="Hub repo org/name to push to (default: publish.repo)")
-    ap.add_argument("--force", action="store_true", help="replace a different model at --out / --repo")
+    ap.add_argument("--pretrain-recipe", type=Path,
+                    help="the pre-training run's recipe.resolved.yaml (default: found from the "
+                         "model's init link)")
+    ap.add_argument("--repo", help="Hub model repo org/name to push to (default: publish.repo)")
+    ap.add_argument("--private", action="store_true", default=None,
+                    help="create the repo private (default: publish.private)")
+    ap.add_argument("--revision", help="branch to push to (default: publish.revision, else main)")
+    ap.add_argument("--commit-message", help="commit message (default: publish.commit_message)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a different model at --out / --repo")
     ap.add_argument("--no-metrics-ok", action="store_true",
-                    help="publish without evaluation metrics (publish.require_metrics=false does the same)")
+                    help="publish without evaluation metrics (publish.require_metrics=false too)")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.publish
+    repo = args.repo or section.repo
+    if repo is not None and (repo.count("/") != 1 or not all(repo.split("/"))):
+        fail(f"--repo {repo}: write the Hub model repo as org/name")
 
     metrics = None
     if args.metrics is not None:
         if not args.metrics.is_file():
             fail(f"--metrics {args.metrics} not found: run the evaluate stage first")
-        metrics = json.loads(args.metrics.read_text())
+        try:
+            metrics = metrics_for(json.loads(args.metrics.read_text()), section.weights,
+                                  args.metrics)
+        except (json.JSONDecodeError, PublishError) as e:
+            fail(f"--metrics {args.metrics}: {e}")
     elif section.require_metrics and not args.no_metrics_ok:
         fail("no evaluation metrics: pass --metrics runs/evaluate/metrics.json (run the evaluate "
              "stage first), or --no-metrics-ok to publish without them")
@@ -51,28 +80,46 @@ def main(argv: list[str] | None = None) -> int:
         config = ckpt.read_model_config(args.model)
     except ckpt.CheckpointError as e:
         fail(str(e))
-    lineage = config.get("nfnet_pipeline", {})
-    recipe_files = {"finetune": args.model.parent / "recipe.resolved.yaml"}
-    if lineage.get("init") and not lineage["init"].startswith(("none:", "timm:")):
-        recipe_files = {"pretrain": Path(lineage["init"]).parent / "recipe.resolved.yaml",
-                        **recipe_files}
+    recipe_files = lineage_recipes(args.model, config)
+    if args.pretrain_recipe is not None:
+        if not args.pretrain_recipe.is_file():
+            fail(f"--pretrain-recipe {args.pretrain_recipe} not found")
+        recipe_files["pretrain"] = args.pretrain_recipe
+    init = str(config.get("nfnet_pipeline", {}).get("init") or "")
+    for stage in ("pretrain", "finetune"):
+        if stage not in recipe_files and not (stage == "pretrain" and init.startswith(("none:", "timm:"))):
+            print(f"[publish] note: no {stage} recipe.resolved.yaml found from {args.model}; the "
+                  f"card will not describe that run" + (" (pass --pretrain-recipe)"
+                                                        if stage == "pretrain" else ""))
+    for key, flag in (("test_res", "test_input_size"), ("crop_pct", "test_crop_pct")):
+        ours = config.get("pretrained_cfg", {}).get(flag)
+        ours = ours[-1] if isinstance(ours, list) else ours
+        if metrics and key in metrics and ours is not None and metrics[key] != ours:
+            print(f"[publish] note: evaluated with {key}={metrics[key]} (the model folder says "
+                  f"{ours}); config.json records the evaluated setting")
+
+    resolved = {"model": str(args.model), "metrics": str(args.metrics) if args.metrics else None,
+                "recipes": {k: str(v) for k, v in recipe_files.items()}, "repo": repo}
     try:
-        publish_yaml = resolved_text(recipe, "publish", {"model": str(args.model)}, args.overrides)
+        publish_yaml = resolved_text(recipe, "publish", resolved, args.overrides)
         folder = export_folder(args.model, args.out, section, metrics, recipe_files, args.force,
-                               {"recipes/publish.resolved.yaml": publish_yaml})
+                               {"recipes/publish.resolved.yaml": publish_yaml}, repo)
     except (PublishError, ckpt.CheckpointError) as e:
         fail(str(e))
-    print(f"[publish] wrote {folder} (load it with timm.create_model('local-dir:{folder}', "
-          f"pretrained=True))")
+    print(f"[publish] wrote {folder} ({section.weights} weights; load it with "
+          f"timm.create_model('local-dir:{folder}', pretrained=True))")
 
-    repo = args.repo or section.repo
     if repo:
+        private = section.private if args.private is None else args.private
+        revision = args.revision or section.revision
         try:
-            url = push(folder, section, repo, force=args.force)
+            url = push(folder, repo, private=private, revision=revision, force=args.force,
+                       commit_message=args.commit_message or section.commit_message)
         except PublishError as e:
-            print(f"[publish] {e}", file=sys.stderr)
-            return 3
-        print(f"[publish] pushed to {repo}: {url}")
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        print(f"[publish] pushed {folder} to {repo}" + (f"@{revision}" if revision else "")
+              + f": {url}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Shard a labelled image dataset into deterministic, verified webdataset tars.
+r"""Shard a labelled image dataset into deterministic, verified webdataset tars.
 
     python stages/shard.py --recipe recipes/f0.yaml --source /data/imagenet \
         --out /data/shards/imagenet --verify                      # full scale: ImageNet-1k, all cores

@@ -291,6 +291,12 @@ def test_verify_names_damaged_and_missing_shards(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--verify", "--out", str(out)]) == 1
     assert "train-000000.tar" in capsys.readouterr().err
+    info = read_manifest(out)                           # a manifest that miscounts a shard
+    info["splits"]["train"]["shard_lengths"][1] += 1
+    info["splits"]["train"]["num_samples"] += 1
+    (out / "_info.json").write_text(json.dumps(info))
+    n = info["splits"]["train"]["shard_lengths"][1]
+    assert f"{out / 'train-000001.tar'}: {n - 1} samples, the manifest says {n}" in verify(out)
 
 
 @pytest.mark.parametrize("case, expected", [

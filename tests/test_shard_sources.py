@@ -166,6 +166,15 @@ def test_hf_save_to_disk_folder(tmp_path):
     check_hf_shards(out, names, 8, 3)
     skipped = json.loads((out / "_skipped.json").read_text())["splits"]["train"]["files"]
     assert [s["file"] for s in skipped] == ["train/4"]
+    # A class list re-indexes ClassLabel labels by name (here: a published head's order).
+    (tmp_path / "classes.txt").write_text("moth\nbee\nzebra\nant\n")
+    out2 = tmp_path / "shards2"
+    assert run(tmp_path / "ds", out2, "shard.image_column=img", "shard.label_column=lbl",
+               "shard.max_skipped_fraction=0.5", f"shard.class_list={tmp_path / 'classes.txt'}") == 0
+    assert read_manifest(out2)["class_names"] == ["moth", "bee", "zebra", "ant"]
+    for s in samples(out2, "train"):
+        label = json.loads(s["json"])["label"]
+        assert label == names[color_class(s["jpg"])] == ["moth", "bee", "zebra", "ant"][int(s["cls"])]
 
 
 def test_hf_parquet_files(tmp_path, monkeypatch):

@@ -129,18 +129,17 @@ def _from_datasets(spec: str, data, section) -> Source:
         raise SourceError(f"{spec} is a single dataset without splits; set shard.splits to one "
                           f"name, e.g. shard.splits=[train]")
     picked = {s: _pick(data, s, spec) for s in section.splits}
-    class_names = None
+    class_names, origin = None, ""
     if section.class_list:
         root = Path(spec) if Path(spec).is_dir() else Path(".")
         class_names = read_class_list(resolve_path(section.class_list, root, "class_list"))
+        origin = f"shard.class_list {section.class_list}"
     splits = {}
     for split, (ds, where) in picked.items():
         ds = _check_columns(ds, spec, where, section)
-        labels, names = _labels(ds, section.label_column, class_names, f"{spec} split '{where}'")
-        if class_names is not None and names != class_names:
-            raise SourceError(f"{spec} split '{where}': its class names differ from the first "
-                              f"split's; give shard.class_list to fix one order")
-        class_names = names
+        labels, class_names = _labels(ds, section.label_column, class_names, origin,
+                                      f"{spec} split '{where}'")
+        origin = origin or f"the class names of split '{where}' (give shard.class_list for others)"
         splits[split] = HFSplit(split, ds, section.image_column, labels, where)
     return Source("hf", spec, class_names, splits)
 
@@ -164,32 +163,42 @@ def _check_columns(ds, spec: str, where: str, section):
                       f"images; set shard.image_column to the image column")
 
 
-def _labels(ds, column: str, class_names, where: str) -> tuple[np.ndarray, list[str]]:
-    """int32 labels and the class names, checked: no nulls, nothing outside the class list."""
+def _labels(ds, column: str, class_names, origin: str, where: str) -> tuple[np.ndarray, list[str]]:
+    """int32 labels and the class names, checked: no nulls, nothing outside the class names.
+    With `class_names` given (a class list, or an earlier split's), ClassLabel and string labels
+    are mapped to them by name."""
     import datasets
 
     feat = ds.features[column]
     values = ds.with_format("arrow")[column]
     if values.null_count:
         raise SourceError(f"{where}: column '{column}' has {values.null_count} empty labels")
-    if isinstance(feat, datasets.ClassLabel) or (isinstance(feat, datasets.Value)
-                                                 and feat.dtype.startswith(("int", "uint"))):
-        labels = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.int64)
-        names = feat.names if isinstance(feat, datasets.ClassLabel) else None
-        names = class_names or names or [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
-        bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
-        if bad.size:
-            raise SourceError(f"{where}: row {bad[0]} has label {labels[bad[0]]}, outside the "
-                              f"{len(names)} classes ({bad.size} such rows; -1 marks unlabelled "
-                              f"rows). Shard only labelled splits or fix shard.class_list")
-        return labels.astype(np.int32), list(names)
     if isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string"):
         strings = values.to_pylist()
         names = class_names or sorted(set(strings))
         index = {c: i for i, c in enumerate(names)}
         for row, s in enumerate(strings):
             if s not in index:
-                raise SourceError(f"{where}: row {row} has label '{s}', not in shard.class_list")
+                raise SourceError(f"{where}: row {row} has label '{s}', not in {origin}")
         return np.fromiter((index[s] for s in strings), np.int32, len(strings)), list(names)
-    raise SourceError(f"{where}: label column '{column}' is {feat}; expected ClassLabel, int or "
-                      f"string labels (shard.label_column)")
+    if not (isinstance(feat, datasets.ClassLabel) or (isinstance(feat, datasets.Value)
+                                                      and feat.dtype.startswith(("int", "uint")))):
+        raise SourceError(f"{where}: label column '{column}' is {feat}; expected ClassLabel, int "
+                          f"or string labels (shard.label_column)")
+    labels = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.int64)
+    own = feat.names if isinstance(feat, datasets.ClassLabel) else None
+    names = own or class_names or [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+    bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
+    if bad.size:
+        raise SourceError(f"{where}: row {bad[0]} has label {labels[bad[0]]}, outside the "
+                          f"{len(names)} classes ({bad.size} such rows; -1 marks unlabelled "
+                          f"rows). Shard only labelled splits or fix shard.class_list")
+    if own is None or class_names is None:
+        return labels.astype(np.int32), list(names)
+    index = {c: i for i, c in enumerate(class_names)}
+    lut = np.array([index.get(n, -1) for n in own], np.int64)
+    mapped = lut[labels]
+    if (mapped < 0).any():
+        row = int(np.flatnonzero(mapped < 0)[0])
+        raise SourceError(f"{where}: row {row} has label '{own[labels[row]]}', not in {origin}")
+    return mapped.astype(np.int32), list(class_names)

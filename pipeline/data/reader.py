@@ -332,20 +332,29 @@ class StreamLayout:
     """How a run's micro-batches map onto streams (see the module docstring)."""
     num_streams: int
     sub_batch: int
-    fetches: int           # loader batches per micro-batch = dataloader workers (at least 1)
+    loader_workers: int    # DataLoader worker processes (0: read in the training process)
     per_worker: int        # streams per worker
+
+    @property
+    def fetches(self) -> int:
+        """Loader batches per micro-batch: one from each worker."""
+        return max(1, self.loader_workers)
 
     @classmethod
     def plan(cls, micro_batch: int, world: int, workers: int,
              num_streams: Optional[int] = None) -> "StreamLayout":
-        workers = max(1, workers)
-        num_streams = num_streams or world * workers
-        if num_streams % (world * workers):
+        fetches = max(1, workers)
+        if num_streams is None:
+            # each worker delivers a whole share of every micro-batch, so use at most as many
+            # workers as divide the micro-batch (F7 at 4 per GPU: 4 of 8 workers)
+            fetches = max(d for d in range(1, fetches + 1) if micro_batch % d == 0)
+            num_streams = world * fetches
+        if num_streams % (world * fetches):
             raise ValueError(f"{num_streams} data streams cannot be shared equally by {world} "
-                             f"processes x {workers} dataloader workers")
-        per_worker = num_streams // (world * workers)
-        per_rank = per_worker * workers
+                             f"processes x {fetches} dataloader workers")
+        per_worker = num_streams // (world * fetches)
+        per_rank = per_worker * fetches
         if micro_batch % per_rank:
             raise ValueError(f"micro_batch {micro_batch} must be a multiple of the streams per "
-                             f"process ({per_rank} = {per_worker} per worker x {workers} workers)")
-        return cls(num_streams, micro_batch // per_rank, workers, per_worker)
+                             f"process ({per_rank} = {per_worker} per worker x {fetches} workers)")
+        return cls(num_streams, micro_batch // per_rank, fetches if workers > 0 else 0, per_worker)

@@ -93,9 +93,11 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, mixup_alpha: float,
     if split < n:
         m = n - split
         h, w = images.shape[-2:]
-        # DeepMind's cutmix_padding: box centre uniform, side ratio sqrt(1 - U(0, 1)); the box
-        # keeps the image's own pixels and its label weight is the box's area fraction.
-        u = torch.from_numpy(rng.random((3, m))).float().to(dev)
+        # DeepMind's cutmix_padding: box centre uniform, side ratio sqrt(1 - lam) with
+        # lam ~ Beta(alpha, alpha) (DeepMind: U(0, 1), i.e. alpha = 1); the box keeps the image's
+        # own pixels and its label weight is the box's area fraction.
+        lam = rng.beta(cutmix_alpha, cutmix_alpha, m)
+        u = torch.from_numpy(np.stack([lam, rng.random(m), rng.random(m)])).float().to(dev)
         side = torch.sqrt(1 - u[0])
         cy, cx = (u[1] * h).floor(), (u[2] * w).floor()
         rh, rw = (side * h).floor(), (side * w).floor()
