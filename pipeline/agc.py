@@ -11,9 +11,10 @@ the same vectors, so they are whole units here too). The final classifier's weig
 it is selected by module (`model.get_classifier()`), not by its position in the parameter list.
 
 Why our own: timm's `adaptive_clip_grad` loops over tensors (~8 small kernels each; 35-39 ms per F0
-step on an H100, measured in ../shared/gpu/README.md). Here units with the same length are
-concatenated into one matrix, so a step costs a few kernels per distinct unit length (about 30 for
-F0) plus one fused copy back, with no host synchronisation.
+step on an H100, measured in ../shared/gpu/README.md). Here small tensors with the same unit length
+are concatenated into one matrix (a few kernels per distinct unit length instead of per tensor),
+large tensors are read once for their norms and scaled in place through views, the clip factors
+of all units are computed together, and nothing waits on the GPU (no `.item()`).
 """
 from __future__ import annotations
 
@@ -69,16 +70,23 @@ class _Group:
     unit_len: int
 
 
-def plan_groups(shapes: list[torch.Size], whole: list[bool]) -> list[_Group]:
-    """Group tensors by unit length so each group is one (sum of rows, unit_len) matrix."""
-    groups: dict[int, _Group] = {}
+def plan_groups(shapes: list[torch.Size], whole: list[bool], solo_numel: int = 1 << 18
+                ) -> list[_Group]:
+    """Group tensors into (sum of rows, unit_len) matrices, one matrix per group.
+
+    Small tensors with the same unit length are concatenated (one norm kernel for many tensors:
+    launches dominate for them). Tensors of `solo_numel` elements or more are their own group,
+    read and scaled in place through a view (bandwidth dominates: a copy would cost more).
+    """
+    groups: dict[object, _Group] = {}
     for i, (shape, w) in enumerate(zip(shapes, whole)):
         numel = 1
         for s in shape:
             numel *= s
         rows = 1 if w or len(shape) == 0 else shape[0]
         k = numel // rows
-        g = groups.setdefault(k, _Group([], [], k))
+        key = ("solo", i) if numel >= solo_numel else k
+        g = groups.setdefault(key, _Group([], [], k))
         g.index.append(i)
         g.rows.append(rows)
     return list(groups.values())
@@ -148,12 +156,18 @@ class AGC:
     """
 
     def __init__(self, params: list[nn.Parameter], whole: list[bool], clip_factor: float,
-                 eps: float = 1e-3):
+                 eps: float = 1e-3, solo_numel: int | None = None):
         self.params = list(params)
         self.whole = list(whole)
         self.clip_factor = clip_factor
         self.eps = eps
-        self.groups = plan_groups([p.shape for p in self.params], self.whole)
+        if solo_numel is None:
+            # Where a tensor is worth its own kernels rather than a copy into a group: a GPU kernel
+            # launch (~5 us) moves ~16 MB at HBM speed, so only big tensors go alone there; on a
+            # CPU the copy is what costs (measured: benchmarks/agc_bench.py).
+            on_gpu = bool(self.params) and self.params[0].device.type == "cuda"
+            solo_numel = 1 << 22 if on_gpu else 1 << 12
+        self.groups = plan_groups([p.shape for p in self.params], self.whole, solo_numel)
 
     @classmethod
     def for_model(cls, model: nn.Module, clip_factor: float, eps: float = 1e-3) -> "AGC":

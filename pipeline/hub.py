@@ -107,7 +107,8 @@ def hub_config(config: dict[str, Any], model: nn.Module, license: Optional[str] 
         if metrics.get("test_res"):
             pc["test_input_size"] = [pc["input_size"][0], metrics["test_res"], metrics["test_res"]]
         pc["test_crop_pct"] = metrics.get("crop_pct", pc["test_crop_pct"])
-        pc["interpolation"] = metrics.get("interpolation", pc["interpolation"])
+        for key in ("crop_mode", "interpolation"):         # timm has one of each, used at test time
+            pc[key] = metrics.get(key, pc[key])
     pc["classifier"] = own.get("classifier")
     pc["first_conv"] = own.get("first_conv")
     pc["num_classes"] = model.num_classes
@@ -255,8 +256,8 @@ def model_card(cfg: dict[str, Any], section: PublishSection, metrics: Optional[d
     if variant == "tiny":
         limits.append("- This is the CPU demo model (a tiny NFNet trained for minutes): it shows the "
                       "pipeline works and is not meant for real use.")
-    about = (f"An NFNet (Brock et al. 2021, \"High-Performance Large-Scale Image Recognition Without "
-             f"Normalization\")" if "nfnet" in arch else f"A timm `{arch}`")
+    about = ("An NFNet (Brock et al. 2021, \"High-Performance Large-Scale Image Recognition Without "
+             "Normalization\")" if "nfnet" in arch else f"A timm `{arch}`")
     hub_id = repo or f"<org>/{section.model_name}"
     body = f"""
 # {section.model_name}
@@ -298,6 +299,8 @@ evaluation.
 # ------------------------------------------------------------------------------------------------
 
 def _check_destination(out: Path, new_sha: str, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise PublishError(f"--out {out} is a file: give a folder")
     if not out.exists() or not any(out.iterdir()):
         return
     if not (out / SUMS).is_file():      # not ours (a training run's model folder, a checkout...)

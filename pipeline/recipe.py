@@ -107,6 +107,7 @@ class TrainSection:
     seed: int
     log_every: int = 10                   # optimizer steps between log lines / tracker points
     checkpoint_every: int = 0             # optimizer steps between checkpoints; 0 = only at the end
+    eval_every: int = 0                   # optimizer steps between val top-1 points; 0 = only at the end
     keep_checkpoints: int = 2
     nan_policy: Literal["stop", "skip"] = "stop"
     trackers: list[Literal["dvclive", "tensorboard"]] = field(default_factory=lambda: ["dvclive"])

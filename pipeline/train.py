@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from pipeline import checkpoint as ckpt
 from pipeline.agc import AGC, split_parameters
-from pipeline.data.manifest import load_split
+from pipeline.data.manifest import load_split, read_manifest
 from pipeline.data.reader import (Cursor, StreamLayout, TrainStreams, advance, make_loader,
                                   micro_batches, rescale_cursor)
 from pipeline.data.transforms import mix_batch, mixed_cross_entropy, normalize, train_transform
+from pipeline.evaluate import validate
 from pipeline.recipe import TrainSection, to_dict
 
 
@@ -108,7 +109,8 @@ class Job:
     config: dict[str, Any]          # model config.json (architecture, classes, resolutions)
     resume: str = "auto"            # auto | none | <checkpoint folder>
     init_fingerprint: str = ""
-    record_keys: Optional[Path] = None  # write each rank's sample keys here (tests)
+    record_keys: Optional[Path] = None  # write each rank's sample keys here (audits, tests)
+    shard_url: Optional[str] = None     # read tars from here ({name} template), manifest from shards
 
 
 def _accelerator(section: TrainSection, out: Path, accum: int) -> Accelerator:
@@ -122,7 +124,7 @@ def _accelerator(section: TrainSection, out: Path, accum: int) -> Accelerator:
 def run(job: Job) -> dict[str, Any]:
     """Train; write checkpoints, the final model folder and metrics.json under `job.out`."""
     section, out = job.section, job.out
-    split = load_split(job.shards, "train")
+    split = load_split(job.shards, "train", job.shard_url)
     world = PartialState(cpu=not torch.cuda.is_available()).num_processes
     plan = make_plan(section, split.num_samples, world)
     acc = _accelerator(section, out, plan.accum_steps)
@@ -170,12 +172,14 @@ def run(job: Job) -> dict[str, Any]:
     bar = tqdm(total=plan.total_steps, initial=step, disable=not main, desc=job.stage,
                dynamic_ncols=True, mininterval=1.0)
     start_step, cursor0 = step, cursor
-    loss_sum = torch.zeros((), device=dev)
+    loss_sum = torch.zeros(2, device=dev)       # (sum of finite step losses, their count)
     bad_step = torch.full((), -1, dtype=torch.long, device=dev)
     keys_log = None
     if job.record_keys:
         job.record_keys.mkdir(parents=True, exist_ok=True)
         keys_log = open(job.record_keys / f"rank{acc.process_index}.jsonl", "a", buffering=1)
+    val_split = (load_split(job.shards, "val", job.shard_url) if section.eval_every and
+                 "val" in read_manifest(job.shards)["splits"] else None)
     t_log, steps_since, last_loss, rate, t_start = time.perf_counter(), 0, float("nan"), 0.0, time.perf_counter()
     loop = _Loop(acc, ddp_model, optimizer, agc, section, plan, batches, keys_log)
     ddp_model.train()
@@ -183,8 +187,11 @@ def run(job: Job) -> dict[str, Any]:
         scheduler.step_update(step)
         step_loss = loop.step(step)
         finite = torch.isfinite(step_loss)
-        bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
-        loss_sum += torch.where(finite, step_loss, torch.zeros_like(step_loss))
+        if section.nan_policy == "stop":      # recorded on the device: no sync per step
+            bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step + 1),
+                                   bad_step)
+        loss_sum += torch.stack([torch.where(finite, step_loss, torch.zeros_like(step_loss)),
+                                 finite.float()])
         if ema is not None:
             ema.apply_update_(model, ema_decay(step, section.ema_decay))
         step += 1
@@ -193,7 +200,8 @@ def run(job: Job) -> dict[str, Any]:
         at_end = step == plan.total_steps
         if step % section.log_every == 0 or at_end:
             _check_finite(acc, bad_step, section, job.stage, ckpt_root)
-            last_loss = acc.reduce(loss_sum, "mean").item() / steps_since
+            total, count = acc.reduce(loss_sum, "sum").tolist()
+            last_loss = total / count if count else float("nan")
             now = time.perf_counter()
             rate = steps_since * plan.global_batch / (now - t_log)
             lr = optimizer.param_groups[0]["lr"]
@@ -216,6 +224,15 @@ def run(job: Job) -> dict[str, Any]:
                 ckpt.save_checkpoint(ckpt_root, step, model, ema.module if ema else None,
                                      state, meta, section.keep_checkpoints)
             acc.wait_for_everyone()
+        if val_split is not None and step % section.eval_every == 0:
+            name = "ema" if ema is not None else "raw"
+            m = validate({name: ema.module if ema is not None else model}, val_split, job.config,
+                         batch=plan.micro_batch, workers=section.loader.num_workers, device=dev,
+                         rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast)[name]
+            ddp_model.train()
+            bar.write(f"[{job.stage}] step {step}: val top-1 {m['top1']:.2f}% ({name}), nll {m['nll']:.4f}")
+            if acc.log_with:
+                acc.log({"val/top1": m["top1"], "val/nll": m["nll"]}, step=step)
     bar.close()
     if keys_log:
         keys_log.close()
@@ -227,6 +244,7 @@ def run(job: Job) -> dict[str, Any]:
         ckpt.save_model_dir(out / "model", model, ema.module if ema else None, config)
     acc.wait_for_everyone()
     return {"steps": step, "train_loss": last_loss, "img_per_s": rate, "train_time_s": elapsed,
+            "skipped_steps": loop.skipped,
             "resumed_from_step": start_step, "plan": plan.as_dict(),
             "model": acc.unwrap_model(ddp_model), "ema": ema.module if ema else None,
             "accelerator": acc}
@@ -243,6 +261,7 @@ class _Loop:
     plan: Plan
     batches: Any
     keys_log: Any
+    skipped: int = 0                      # steps dropped by nan_policy: skip
 
     def inputs(self, batch: dict, step: int, micro: int):
         """Normalised, mixed inputs of a micro-batch; the same for the same (step, micro)."""
@@ -291,6 +310,7 @@ class _Loop:
                         self.agc()
                     if s.nan_policy == "skip" and not _all_finite(acc, step_loss):
                         self.optimizer.zero_grad(set_to_none=True)   # drop the step (syncs)
+                        self.skipped += 1
                         if acc.is_main_process:
                             print(f"step {step}: non-finite loss, step skipped")
                         continue
@@ -357,13 +377,15 @@ def _all_finite(acc: Accelerator, value: torch.Tensor) -> bool:
 
 def _check_finite(acc: Accelerator, bad_step: torch.Tensor, section: TrainSection, stage: str,
                   root: Path) -> None:
+    """Stop (rank-wide) if any step's loss was NaN or infinite since the run started."""
     worst = acc.reduce(bad_step.clone(), "max").item() if acc.num_processes > 1 else bad_step.item()
     if worst >= 0:
         last = ckpt.complete_checkpoints(root)
-        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        where = (f"the last good checkpoint, {last[-1]}, is untouched (resume from it with a "
+                 f"lower lr)" if last else "no checkpoint had been written yet")
         raise NonFiniteLoss(
-            f"[{stage}] the loss became NaN or infinite at step {int(worst)}; training stopped "
-            f"and {where} (untouched). Lower the lr or the clip_factor, or set "
+            f"[{stage}] the loss became NaN or infinite at step {int(worst)}: training stopped; "
+            f"{where}. Lower {stage}.lr_base or {stage}.clip_factor, or set "
             f"{stage}.nan_policy=skip to drop such steps.")
 
 
@@ -434,16 +456,16 @@ def dry_run_report(plan: Plan, section: TrainSection, model: nn.Module, config: 
 def finish(result: dict[str, Any], job: Job) -> dict[str, Any]:
     """After training: validate EMA and raw weights on the `val` split if the shards have one,
     write `<out>/metrics.json` (the stage's DVC metrics) and return the metrics."""
-    from pipeline.data.manifest import read_manifest
-    from pipeline.evaluate import validate
     from pipeline.recipe import atomic_write_text
 
     acc, section = result["accelerator"], job.section
-    metrics = {k: result[k] for k in ("steps", "train_loss", "img_per_s", "train_time_s")}
+    metrics = {k: result[k] for k in ("steps", "train_loss", "img_per_s", "train_time_s",
+                                      "skipped_steps")}
     if "val" in read_manifest(job.shards)["splits"]:
         models = {"ema": result["ema"], "raw": result["model"]}
         models = {k: v for k, v in models.items() if v is not None}
-        val = validate(models, load_split(job.shards, "val"), job.config, batch=section.micro_batch,
+        val = validate(models, load_split(job.shards, "val", job.shard_url), job.config,
+                       batch=section.micro_batch,
                        workers=section.loader.num_workers, device=acc.device,
                        rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast)
         for name, m in val.items():

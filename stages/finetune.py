@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     write_resolved(recipe, "finetune", args.out, plan.as_dict(), args.overrides)
     job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
                     init_fingerprint=src.fingerprint, record_keys=args.log_samples)
-    result = train.run(job)
+    try:
+        result = train.run(job)
+    except train.NonFiniteLoss as e:
+        fail(str(e), code=1)
     train.finish(result, job)
     return 0
 

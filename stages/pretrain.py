@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
-from pipeline.data.manifest import ManifestError, load_split, read_manifest  # noqa: E402
+from pipeline.data.manifest import (ManifestError, load_split, manifest_path,  # noqa: E402
+                                     read_manifest, sha256_file)
 from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.variants import build_model, get_variant  # noqa: E402
 
@@ -29,6 +30,9 @@ from pipeline.variants import build_model, get_variant  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = stage_parser(__doc__)
     ap.add_argument("--shards", type=Path, help="shard folder with _info.json (train split)")
+    ap.add_argument("--shard-url", metavar="TEMPLATE",
+                    help="read the tars from object storage / HTTP, e.g. "
+                         "'pipe:aws s3 cp s3://bucket/shards/{name} -' (manifest from --shards)")
     ap.add_argument("--out", type=Path, default=Path("runs/pretrain"), help="output folder")
     ap.add_argument("--resume", default="auto",
                     help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shards is not None:
         try:
             info = read_manifest(args.shards)
-            split = load_split(args.shards, "train")
+            split = load_split(args.shards, "train", args.shard_url)
         except ManifestError as e:
             fail(str(e))
         class_names = list(info.get("class_names") or range(split.num_classes))
@@ -80,10 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         print(train.dry_run_report(plan, section, model, config, args.dry_run))
         return 0
 
-    write_resolved(recipe, "pretrain", args.out, plan.as_dict(), args.overrides)
+    write_resolved(recipe, "pretrain", args.out,
+                   {**plan.as_dict(), "shards": str(args.shards), "shard_url": args.shard_url,
+                    "manifest_sha256": sha256_file(manifest_path(args.shards))}, args.overrides)
     job = train.Job("pretrain", section, model, args.shards, args.out, config, resume=args.resume,
-                    record_keys=args.log_samples)
-    result = train.run(job)
+                    record_keys=args.log_samples, shard_url=args.shard_url)
+    try:
+        result = train.run(job)
+    except train.NonFiniteLoss as e:
+        fail(str(e), code=1)
     train.finish(result, job)
     return 0
 

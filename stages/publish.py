@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                          "model's init link)")
     ap.add_argument("--repo", help="Hub model repo org/name to push to (default: publish.repo)")
     ap.add_argument("--private", action="store_true", default=None,
-                    help="create the repo private (default: publish.private)")
+                    help="create the repo private (default: publish.private; an existing repo keeps "
+                         "its visibility)")
     ap.add_argument("--revision", help="branch to push to (default: publish.revision, else main)")
     ap.add_argument("--commit-message", help="commit message (default: publish.commit_message)")
     ap.add_argument("--force", action="store_true",

@@ -135,7 +135,12 @@ def test_agc_on_real_tiny_nfnet_gradients():
 
 def test_agc_plan_covers_every_clipped_tensor_once():
     model, _, _ = build_model("f0", 1000, device="meta")
-    agc = AGC.for_model(model, 0.01)
-    covered = sorted(i for g in agc.groups for i in g.index)
-    assert covered == list(range(len(agc.params)))
-    assert len(agc.groups) < len(agc.params) / 3          # grouped, not one group per tensor
+    split = split_parameters(model)
+    for solo in (1 << 12, 1 << 22):          # the CPU and the GPU planning
+        agc = AGC(split.clip, split.clip_whole, 0.01, solo_numel=solo)
+        covered = sorted(i for g in agc.groups for i in g.index)
+        assert covered == list(range(len(agc.params)))
+        for g in agc.groups:                  # big tensors alone, small ones share a unit length
+            if len(g.index) > 1:
+                assert all(agc.params[i].numel() < solo for i in g.index)
+    assert len(agc.groups) < len(agc.params) / 3      # GPU planning: far fewer groups than tensors

@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import timm
@@ -297,7 +298,6 @@ class FakeHub:
 
     def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None, **kw):
         from huggingface_hub.hf_api import CommitInfo
-        from pathlib import Path
         folder = Path(folder_path)
         self.remote[(repo_id, revision or "main")] = {f: (folder / f).read_bytes() for f in files_in(folder)}
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123",

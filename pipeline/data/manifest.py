@@ -68,17 +68,28 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def load_split(root: str | os.PathLike, split: str) -> SplitInfo:
-    """The named split of the shards at `root`, with its shard paths checked to exist."""
+def load_split(root: str | os.PathLike, split: str, shard_url: str | None = None) -> SplitInfo:
+    """The named split of the shards at `root`.
+
+    `shard_url` reads the tars from elsewhere (object storage, HTTP) with the manifest at `root`:
+    a template with `{name}` for the shard file name, in any form webdataset opens, e.g.
+    `pipe:aws s3 cp s3://bucket/imagenet/{name} -` or `https://host/shards/{name}`. Local shard
+    paths are checked to exist.
+    """
     info = read_manifest(root)
     if split not in info["splits"]:
         raise ManifestError(f"split '{split}' is not in {manifest_path(root)}; it has: "
                             f"{', '.join(info['splits'])}")
+    if shard_url is not None and "{name}" not in shard_url:
+        raise ManifestError(f"--shard-url {shard_url!r} needs a {{name}} placeholder for the "
+                            f"shard file name, e.g. 'pipe:aws s3 cp s3://bucket/shards/{{name}} -'")
     s = info["splits"][split]
-    root_str = str(root)
     urls = []
     for name in s["filenames"]:
-        url = name if "://" in name or name.startswith("pipe:") else os.path.join(root_str, name)
+        if shard_url is not None:
+            urls.append(shard_url.replace("{name}", name))
+            continue
+        url = name if "://" in name or name.startswith("pipe:") else os.path.join(str(root), name)
         if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url):
             raise ManifestError(f"shard {url} listed in {manifest_path(root)} is missing; "
                                 f"re-run the shard stage (it reuses shards that are intact)")
