@@ -51,12 +51,15 @@ class ModelSection:
     drop_rate: float                      # dropout before the classifier
     drop_path_rate: float                 # stochastic depth, ramped linearly over blocks
     width: float = 1.0                    # DeepMind's width multiplier on the block widths
+    sync_bn: bool = False                 # BN baselines: batch statistics across GPUs
 
 
 @dataclass(kw_only=True)
 class FinetuneModelSection:
     drop_rate: float
     drop_path_rate: float
+    sync_bn: bool = False
+    bn_stats: Literal["train", "freeze"] = "train"   # BN baselines: update or freeze BN statistics
 
 
 @dataclass(kw_only=True)

@@ -29,6 +29,7 @@ from pipeline.data.reader import (Cursor, StreamLayout, TrainStreams, advance, m
 from pipeline.data.transforms import mix_batch, mixed_cross_entropy, normalize, train_transform
 from pipeline.evaluate import validate
 from pipeline.recipe import TrainSection, to_dict
+from pipeline.variants import has_batchnorm
 
 
 class NonFiniteLoss(RuntimeError):
@@ -130,7 +131,7 @@ def run(job: Job) -> dict[str, Any]:
     acc = _accelerator(section, out, plan.accum_steps)
     dev, main = acc.device, acc.is_main_process
 
-    model = job.model.to(dev)
+    model = _prepare_batchnorm(job.model, section, plan, acc).to(dev)
     if section.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, section, plan.lr)
@@ -182,7 +183,10 @@ def run(job: Job) -> dict[str, Any]:
                  "val" in read_manifest(job.shards)["splits"] else None)
     t_log, steps_since, last_loss, rate, t_start = time.perf_counter(), 0, float("nan"), 0.0, time.perf_counter()
     loop = _Loop(acc, ddp_model, optimizer, agc, section, plan, batches, keys_log)
-    ddp_model.train()
+    freeze_bn = getattr(section.model, "bn_stats", "train") == "freeze"
+    _train_mode(ddp_model, freeze_bn)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     while step < plan.total_steps:
         scheduler.step_update(step)
         step_loss = loop.step(step)
@@ -229,7 +233,7 @@ def run(job: Job) -> dict[str, Any]:
             m = validate({name: ema.module if ema is not None else model}, val_split, job.config,
                          batch=plan.micro_batch, workers=section.loader.num_workers, device=dev,
                          rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast)[name]
-            ddp_model.train()
+            _train_mode(ddp_model, freeze_bn)
             bar.write(f"[{job.stage}] step {step}: val top-1 {m['top1']:.2f}% ({name}), nll {m['nll']:.4f}")
             if acc.log_with:
                 acc.log({"val/top1": m["top1"], "val/nll": m["nll"]}, step=step)
@@ -244,7 +248,7 @@ def run(job: Job) -> dict[str, Any]:
         ckpt.save_model_dir(out / "model", model, ema.module if ema else None, config)
     acc.wait_for_everyone()
     return {"steps": step, "train_loss": last_loss, "img_per_s": rate, "train_time_s": elapsed,
-            "skipped_steps": loop.skipped,
+            "skipped_steps": loop.skipped, "peak_mem_mb": _peak_memory_mb(dev),
             "resumed_from_step": start_step, "plan": plan.as_dict(),
             "model": acc.unwrap_model(ddp_model), "ema": ema.module if ema else None,
             "accelerator": acc}
@@ -344,6 +348,43 @@ class _Loop:
         torch._foreach_add_(params, e)
         self.optimizer.zero_grad(set_to_none=True)
         return params, e
+
+
+def _prepare_batchnorm(model: nn.Module, section: TrainSection, plan: Plan,
+                       acc: Accelerator) -> nn.Module:
+    """BN baselines only: SyncBatchNorm when asked (on GPUs), and a warning when the per-device
+    batch is too small for stable statistics. NFNets have no BN and pass through unchanged."""
+    if not has_batchnorm(model):
+        return model
+    sync = section.model.sync_bn and plan.processes > 1
+    if sync and acc.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif sync and acc.is_main_process:
+        print("warning: model.sync_bn needs CUDA devices (torch's SyncBatchNorm); each process "
+              "keeps its own batch statistics here")
+        sync = False
+    per_stats = plan.micro_batch * (plan.processes if sync else 1)
+    if per_stats < 16 and acc.is_main_process:
+        print(f"warning: batch norm statistics come from {per_stats} images per forward pass; "
+              f"below ~16 they are noisy and accuracy drops (Wu & He 2018). Raise micro_batch, "
+              f"or set model.sync_bn=true on GPUs. (NFNets have no such limit.)")
+    return model
+
+
+def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """train(), except that frozen BN layers keep using (and not updating) running statistics."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _peak_memory_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB -> MiB
 
 
 def _resumable(section: TrainSection) -> dict[str, Any]:
@@ -460,7 +501,7 @@ def finish(result: dict[str, Any], job: Job) -> dict[str, Any]:
 
     acc, section = result["accelerator"], job.section
     metrics = {k: result[k] for k in ("steps", "train_loss", "img_per_s", "train_time_s",
-                                      "skipped_steps")}
+                                      "skipped_steps", "peak_mem_mb")}
     if "val" in read_manifest(job.shards)["splits"]:
         models = {"ema": result["ema"], "raw": result["model"]}
         models = {k: v for k, v in models.items() if v is not None}

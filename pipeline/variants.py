@@ -39,11 +39,14 @@ class Variant:
     drop_rate: float
     params_m: Optional[float]      # parameters in millions at 1000 classes (paper / DeepMind)
     timm_arch: str                 # the timm model it is built from
-    # Only the tiny test variant changes these; the F-variants keep DeepMind's.
+    # Only the tiny test variants change these; the F-variants keep DeepMind's.
     arch_overrides: dict = field(default_factory=dict)
+    family: str = "nfnet"          # "nfnet", or "batchnorm" for the BN baselines
 
     @property
     def crop_pct(self) -> float:
+        if self.family == "batchnorm":
+            return 0.875           # the standard ImageNet eval crop for BN ResNets (224 / 256)
         # DeepMind evaluates by resizing to (S + 32) x (S + 32), ignoring aspect, then a centre
         # crop of S: timm's crop_mode "squash" with crop_pct S / (S + 32).
         return self.test_res / (self.test_res + 32)
@@ -51,6 +54,10 @@ class Variant:
     def model_args(self, width: float = 1.0) -> dict[str, Any]:
         """Keyword arguments that turn `timm_arch` into this variant (JSON-serialisable)."""
         args: dict[str, Any] = dict(self.arch_overrides)
+        if self.family == "batchnorm":
+            if width != 1.0:
+                raise ValueError(f"model.width applies to NFNets only, not {self.name}")
+            return args
         timm_depths = _TIMM_DEPTHS.get(self.timm_arch)
         if timm_depths != self.depths:
             args["depths"] = list(self.depths)
@@ -94,6 +101,23 @@ VARIANTS["tiny"] = Variant(
                         group_size=16, num_features=256))
 
 
+# The batch-normalised baselines the paper measures NFNets against (Ioffe & Szegedy 2015 BN in
+# every block), built by timm as they are: standard ImageNet 224 px train and test.
+VARIANTS["resnet50"] = Variant("resnet50", (3, 4, 6, 3), (256, 512, 1024, 2048), 224, 224, 0, 0,
+                               0.0, 25.6, "resnet50", family="batchnorm")
+VARIANTS["seresnext50"] = Variant("seresnext50", (3, 4, 6, 3), (256, 512, 1024, 2048), 224, 224,
+                                  0, 0, 0.0, 27.6, "seresnext50_32x4d", family="batchnorm")
+# A tiny BN ResNet for tests and the CPU demo comparison, about the tiny NFNet's size.
+VARIANTS["tiny_bn"] = Variant(
+    "tiny_bn", (1, 1, 1, 1), (16, 32, 64, 128), 32, 48, 0, 0, 0.0, None, "resnet18",
+    arch_overrides=dict(layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16),
+    family="batchnorm")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
@@ -126,9 +150,11 @@ def build_model(variant: str, num_classes: int, drop_rate: float = 0.0,
             torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
+        extra = {"drop_path_rate": drop_path_rate} if v.family == "batchnorm" else {}
         model = timm.create_model(v.timm_arch, pretrained=False, num_classes=num_classes,
-                                  drop_rate=drop_rate, **model_args)
-    set_stochastic_depth(model, drop_path_rate)
+                                  drop_rate=drop_rate, **model_args, **extra)
+    if v.family == "nfnet":
+        set_stochastic_depth(model, drop_path_rate)
     return model, v.timm_arch, model_args
 
 
