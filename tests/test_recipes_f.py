@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline.recipe import load_recipe, to_dict
-from pipeline.train import make_plan
+from pipeline.plan import make_plan
 from pipeline.variants import VARIANTS, get_variant
 
 # The paper / DeepMind table, written out independently of pipeline/variants.py:

@@ -5,7 +5,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_stage
 from pipeline.recipe import load_recipe
-from pipeline.train import ema_decay, make_plan
+from pipeline.plan import make_plan
+from pipeline.train import ema_decay
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 TINY = ["pretrain.train_res=32", "pretrain.test_res=32", "pretrain.epochs=2", "pretrain.eval_every=0",

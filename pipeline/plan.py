@@ -1,0 +1,119 @@
+"""The plan of a training run: values derived from a recipe section, the data and the launch.
+
+Written into the resolved recipe next to the outputs and printed by `--dry-run`, so nothing
+derived (lr from the batch, steps from epochs and the sample count, accumulation from the batch
+per device) is ever copied by hand between files.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from pipeline.data.reader import StreamLayout
+from pipeline.recipe import TrainSection
+
+
+@dataclass
+class Plan:
+    """Values derived from a recipe section, the data and the launch (written to the resolved
+    recipe and printed by --dry-run)."""
+    num_samples: int
+    processes: int
+    global_batch: int
+    micro_batch: int
+    accum_steps: int
+    lr: float
+    steps_per_epoch: float
+    total_steps: int
+    warmup_steps: int
+    epochs: float
+    data_streams: int
+    sub_batch: int
+    loader_workers: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_plan(section: TrainSection, num_samples: int, processes: int,
+              num_streams: Optional[int] = None) -> Plan:
+    # micro_batch is the most a device holds; when the global batch spread over the processes
+    # is smaller (many GPUs), each device takes that share and accumulation drops to 1.
+    micro = min(section.micro_batch, section.global_batch // processes)
+    per_step = micro * processes
+    if micro < 1 or section.global_batch % per_step:
+        raise ValueError(
+            f"global_batch {section.global_batch} cannot be split evenly into micro-batches of "
+            f"at most {section.micro_batch} on {processes} processes; choose a micro_batch (or a "
+            f"process count) that divides it")
+    steps_per_epoch = num_samples / section.global_batch
+    total = section.steps if section.steps is not None else int(section.epochs * steps_per_epoch)
+    warmup = (section.warmup_steps if section.warmup_steps is not None
+              else int(section.warmup_epochs * steps_per_epoch))
+    if total < 1:
+        raise ValueError(f"the run has no optimizer steps: {num_samples} samples, global_batch "
+                         f"{section.global_batch}; lower global_batch or raise epochs/steps")
+    if warmup >= total:
+        raise ValueError(f"warm-up ({warmup} steps) must be shorter than the run ({total} steps)")
+    layout = StreamLayout.plan(micro, processes, section.loader.num_workers, num_streams)
+    lr = section.lr_base * section.global_batch / 256 if section.lr_batch_scaling else section.lr_base
+    return Plan(num_samples, processes, section.global_batch, micro,
+                section.global_batch // per_step, lr, steps_per_epoch, total, warmup,
+                total / steps_per_epoch, layout.num_streams, layout.sub_batch, layout.loader_workers)
+
+
+def training_flops_per_image(model: nn.Module, res: int) -> float:
+    """Forward + backward FLOPs for one image, counted by torch.utils.flop_counter on a copy of
+    the model on the meta device (no memory, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = copy.deepcopy(model).to("meta")
+    x = torch.empty(1, 3, res, res, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        meta(x).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def describe(plan: Plan, section: TrainSection, model: nn.Module, config: dict[str, Any]) -> dict:
+    """The resolved plan that --dry-run prints: everything a user checks before a long run."""
+    aug = section.augment
+    flops = training_flops_per_image(model, section.train_res)
+    passes = 2 if section.sam_rho else 1
+    return {
+        "variant": config.get("nfnet_pipeline", {}).get("variant", config["architecture"]),
+        "architecture": config["architecture"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "num_classes": config["num_classes"],
+        "train_res": section.train_res, "test_res": section.test_res,
+        "train_gflops_per_image": round(flops * passes / 1e9, 3),
+        "samples": plan.num_samples, "processes": plan.processes,
+        "global_batch": plan.global_batch, "micro_batch_per_device": plan.micro_batch,
+        "accum_steps": plan.accum_steps, "lr": plan.lr,
+        "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps,
+        "epochs": round(plan.epochs, 3), "steps_per_epoch": round(plan.steps_per_epoch, 3),
+        "clip_factor": section.clip_factor, "weight_decay": section.weight_decay,
+        "label_smoothing": section.label_smoothing,
+        "augmentation": {"crop_scale": aug.crop_scale, "hflip": aug.hflip,
+                         "randaugment": f"{aug.randaugment_layers} layers, magnitude "
+                                        f"{aug.randaugment_magnitude}" if aug.randaugment_layers else "off",
+                         "mixup_alpha": aug.mixup_alpha, "cutmix_alpha": aug.cutmix_alpha},
+        "ema_decay": section.ema_decay,
+        "sam": (f"rho {section.sam_rho}: 2 forward-backward passes per step (2x compute)"
+                if section.sam_rho else "off"),
+        "drop_rate": getattr(section.model, "drop_rate", None),
+        "drop_path_rate": getattr(section.model, "drop_path_rate", None),
+        "total_train_pflops": round(flops * passes * plan.total_steps * plan.global_batch / 1e15, 3),
+    }
+
+
+def dry_run_report(plan: Plan, section: TrainSection, model: nn.Module, config: dict[str, Any],
+                   fmt: str) -> str:
+    """--dry-run output: one JSON object, or aligned `key: value` lines."""
+    desc = describe(plan, section, model, config)
+    if fmt == "json":
+        return json.dumps(desc)
+    return "\n".join(f"{k:>24}: {v}" for k, v in desc.items())
