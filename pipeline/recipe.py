@@ -77,6 +77,7 @@ class AugmentSection:
 class LoaderSection:
     num_workers: int                      # dataloader worker processes per device
     shuffle_block: int                    # samples shuffled together within the epoch stream
+    decode: Literal["cpu", "device"] = "cpu"   # device: nvJPEG decode + augmentation on the GPU
 
 
 @dataclass(kw_only=True)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline import checkpoint as ckpt
 from pipeline.agc import AGC, split_parameters
+from pipeline.data.device_aug import DeviceAugment
 from pipeline.data.manifest import load_split, read_manifest
 from pipeline.data.reader import (Cursor, TrainStreams, advance, make_loader, micro_batches,
                                   rescale_cursor)
@@ -110,7 +111,8 @@ def run(job: Job) -> dict[str, Any]:
                   f"(epoch {cursor.epoch}, {cursor.offset} samples into each of "
                   f"{cursor.num_streams} streams)")
 
-    dataset = TrainStreams(split, train_transform(section.train_res, section.augment),
+    on_device = section.loader.decode == "device"
+    dataset = TrainStreams(split, None if on_device else train_transform(section.train_res, section.augment),
                            seed=section.seed, block=section.loader.shuffle_block, cursor=cursor,
                            rank=acc.process_index, world=acc.num_processes,
                            workers=plan.loader_workers, sub_batch=plan.sub_batch)
@@ -134,7 +136,8 @@ def run(job: Job) -> dict[str, Any]:
     val_split = (load_split(job.shards, "val", job.shard_url) if section.eval_every and
                  "val" in read_manifest(job.shards)["splits"] else None)
     t_log, steps_since, last_loss, rate, t_start = time.perf_counter(), 0, float("nan"), 0.0, time.perf_counter()
-    loop = _Loop(acc, ddp_model, optimizer, agc, section, plan, batches, keys_log)
+    loop = _Loop(acc, ddp_model, optimizer, agc, section, plan, batches, keys_log,
+                 DeviceAugment(section.train_res, section.augment, dev) if on_device else None)
     freeze_bn = getattr(section.model, "bn_stats", "train") == "freeze"
     _train_mode(ddp_model, freeze_bn)
     if dev.type == "cuda":
@@ -217,12 +220,17 @@ class _Loop:
     plan: Plan
     batches: Any
     keys_log: Any
+    device_aug: Optional[DeviceAugment] = None   # loader.decode: device
     skipped: int = 0                      # steps dropped by nan_policy: skip
 
     def inputs(self, batch: dict, step: int, micro: int):
         """Normalised, mixed inputs of a micro-batch; the same for the same (step, micro)."""
         dev, s = self.acc.device, self.section
-        x = normalize(batch["image"].to(dev, non_blocking=True), s.channels_last)
+        if self.device_aug is not None:
+            images = self.device_aug(batch["jpeg"], batch["offsets"], batch["seed"])
+        else:
+            images = batch["image"].to(dev, non_blocking=True)
+        x = normalize(images, s.channels_last)
         y = batch["label"].to(dev, non_blocking=True)
         rng = np.random.default_rng([s.seed, step, micro, self.acc.process_index])
         return mix_batch(x, y, s.augment.mixup_alpha, s.augment.cutmix_alpha, rng)

@@ -243,9 +243,13 @@ def _to_batch(images: list, labels: list, keys: list, index: list) -> dict:
 
 
 class TrainStreams(IterableDataset):
-    """One rank's share of the streams; worker k yields sub-batches of its streams in lockstep."""
+    """One rank's share of the streams; worker k yields sub-batches of its streams in lockstep.
 
-    def __init__(self, split: SplitInfo, transform: Callable, *, seed: int, block: int,
+    With `transform=None` the JPEG bytes are passed on undecoded (with each sample's seed) for
+    `device_aug.DeviceAugment` to decode and augment on the GPU.
+    """
+
+    def __init__(self, split: SplitInfo, transform: Optional[Callable], *, seed: int, block: int,
                  cursor: Cursor, rank: int, world: int, workers: int, sub_batch: int):
         self.split, self.transform = split, transform
         self.seed, self.block, self.cursor = seed, block, cursor
@@ -266,19 +270,40 @@ class TrainStreams(IterableDataset):
         its = [stream_samples(self.split, self.seed, self.block, s, self.cursor)
                for s in self.streams_of_worker(worker)]
         while True:
-            images, labels, keys, index = [], [], [], []
+            images, labels, keys, index, seeds = [], [], [], [], []
             for it in its:
                 for _ in range(self.sub_batch):
                     epoch, idx, raw = next(it)
-                    img, label = decode_sample(raw)
                     s = sample_seed(self.seed, epoch, idx)
-                    random.seed(s)
-                    torch.manual_seed(s)
-                    images.append(self.transform(img))
-                    labels.append(label)
+                    if self.transform is None:
+                        images.append(raw["jpg"])
+                        labels.append(_label(raw))
+                    else:
+                        img, label = decode_sample(raw)
+                        # timm's transforms draw from random, torch and numpy's global RNGs
+                        random.seed(s)
+                        torch.manual_seed(s)
+                        np.random.seed(s)
+                        images.append(self.transform(img))
+                        labels.append(label)
                     keys.append(raw["__key__"])
                     index.append(epoch * self.split.num_samples + idx)
-            yield _to_batch(images, labels, keys, index)
+                    seeds.append(s)
+            if self.transform is None:
+                from pipeline.data.device_aug import pack_jpegs
+                jpeg, offsets = pack_jpegs(images)
+                yield {"jpeg": jpeg, "offsets": offsets, "label": torch.tensor(labels),
+                       "key": keys, "index": torch.tensor(index), "seed": seeds}
+            else:
+                yield _to_batch(images, labels, keys, index)
+
+
+def _label(raw: dict) -> int:
+    try:
+        return int(raw["cls"])
+    except Exception as e:
+        raise RuntimeError(f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')} has no "
+                           f"readable label ({e}); check the shards with --verify") from e
 
 
 class EvalShards(IterableDataset):
@@ -318,13 +343,22 @@ def micro_batches(loader: DataLoader, fetches: int) -> Iterator[dict]:
     it = iter(loader)
     while True:
         parts = [next(it) for _ in range(fetches)]
-        if fetches == 1:
-            yield parts[0]
-            continue
-        yield {"image": torch.cat([p["image"] for p in parts]),
-               "label": torch.cat([p["label"] for p in parts]),
-               "key": [k for p in parts for k in p["key"]],
-               "index": torch.cat([p["index"] for p in parts])}
+        yield parts[0] if fetches == 1 else concat_batches(parts)
+
+
+def concat_batches(parts: list[dict]) -> dict:
+    out = {"label": torch.cat([p["label"] for p in parts]),
+           "key": [k for p in parts for k in p["key"]],
+           "index": torch.cat([p["index"] for p in parts])}
+    if "image" in parts[0]:
+        out["image"] = torch.cat([p["image"] for p in parts])
+    else:                                   # undecoded JPEG bytes: shift each part's offsets
+        shift = torch.tensor([0] + [int(p["offsets"][-1]) for p in parts[:-1]]).cumsum(0)
+        out["jpeg"] = torch.cat([p["jpeg"] for p in parts])
+        out["offsets"] = torch.cat([parts[0]["offsets"][:1]] +
+                                   [p["offsets"][1:] + s for p, s in zip(parts, shift)])
+        out["seed"] = [x for p in parts for x in p["seed"]]
+    return out
 
 
 @dataclass
