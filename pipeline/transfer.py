@@ -63,7 +63,15 @@ def model_weights(folder: str | Path, weights: str) -> tuple[Path, str, Optional
         return (folder / "model.safetensors", "published",
                 f"{folder} is a published folder: its model.safetensors are the published weights "
                 f"(publish.weights chose EMA or raw); using them for weights={weights}")
-    return ckpt.weights_file(folder, weights), weights, None
+    try:
+        return ckpt.weights_file(folder, weights), weights, None
+    except ckpt.CheckpointError as e:
+        if weights == "ema" and (folder / "model.safetensors").is_file():
+            raise ckpt.CheckpointError(f"{folder} has no EMA weights (ema.safetensors: the run "
+                                       f"had ema_decay null); use the raw ones with "
+                                       f"finetune.init.weights=raw") from None
+        raise ckpt.CheckpointError(f"{e}; expected a model folder of the pretrain / finetune "
+                                   f"stage or a published folder") from None
 
 
 def load_init(init: str, weights: str = "ema", seed: int = 0) -> InitSource:
@@ -89,8 +97,8 @@ def timm_init(init: str) -> InitSource:
     """`timm:<architecture>=<weights.safetensors>`: a timm model and a local state dict."""
     spec = init[len("timm:"):]
     if "=" not in spec:
-        raise ckpt.CheckpointError(f"write timm:<architecture>=<weights.safetensors> (no download "
-                                   f"happens: the weights must be a local file)")
+        raise ckpt.CheckpointError("write timm:<architecture>=<weights.safetensors> (no download "
+                                   "happens: the weights must be a local file)")
     arch, path = spec.split("=", 1)
     if not timm.is_model(arch):
         near = timm.list_models(f"*{arch.split('.')[0][:12]}*")[:8]
@@ -148,11 +156,20 @@ def build_finetune_model(src: InitSource, class_names: list[str], section: Finet
     config, state = src.config, dict(src.state)
     messages = list(src.messages)
     num_classes = len(class_names)
+    rate = section.model.drop_path_rate
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(section.seed)        # the same model on every process and run
         model = ckpt.build_from_config(config, num_classes=num_classes,
                                        drop_rate=section.model.drop_rate)
-    set_stochastic_depth(model, section.model.drop_path_rate)
+        if rate and not any(hasattr(m, "skipinit_gain") for m in model.modules()):
+            # not an NFNet: timm's own stochastic depth (rescaled, ramped to the full rate)
+            torch.manual_seed(section.seed)
+            model = ckpt.build_from_config(config, num_classes=num_classes,
+                                           drop_rate=section.model.drop_rate, drop_path_rate=rate)
+            messages.append(f"{config['architecture']} is not an NFNet: drop_path_rate {rate} "
+                            f"is timm's stochastic depth for it")
+        else:
+            set_stochastic_depth(model, rate)
     head_prefix = head_name(model)
     head_keys = {k for k in state if k.startswith(head_prefix + ".")}
     old_names = [str(n) for n in config.get("label_names") or []]
