@@ -332,11 +332,13 @@ def _prepare_batchnorm(model: nn.Module, section: TrainSection, plan: Plan,
 
 
 def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """train(), except that frozen BN layers keep using (and not updating) running statistics."""
+    """train(), except that BN layers keep using (and not updating) their running statistics when
+    `bn_stats: freeze` is set, or when they sit in a frozen part of the model (init.freeze)."""
     model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            frozen = m.weight is not None and not m.weight.requires_grad
+            if freeze_bn or frozen:
                 m.eval()
 
 
