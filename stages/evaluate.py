@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=Path, required=True, help="shard folder with _info.json")
     ap.add_argument("--split", default="val", help="split to evaluate (default: val)")
     ap.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="output folder")
+    ap.add_argument("--shard-url", metavar="TEMPLATE",
+                    help="read the tars from object storage / HTTP, e.g. "
+                         "'pipe:aws s3 cp s3://bucket/shards/{name} -' (manifest from --shards)")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.evaluate
     try:
-        split = load_split(args.shards, args.split)
+        split = load_split(args.shards, args.split, args.shard_url)
         config = ckpt.read_model_config(args.model)
     except (ManifestError, ckpt.CheckpointError) as e:
         fail(str(e))

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
-from pipeline.data.manifest import ManifestError, load_split, read_manifest  # noqa: E402
+from pipeline.data.manifest import (ManifestError, load_split, manifest_path,  # noqa: E402
+                                     read_manifest, sha256_file)
 from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.transfer import build_finetune_model, load_init, pretrain_res  # noqa: E402
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="pretrained model folder, published folder, timm:<arch>=<file>, or none:<variant>")
     ap.add_argument("--shards", type=Path, help="shard folder with _info.json (train split)")
     ap.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output folder")
+    ap.add_argument("--shard-url", metavar="TEMPLATE",
+                    help="read the tars from object storage / HTTP, e.g. "
+                         "'pipe:aws s3 cp s3://bucket/shards/{name} -' (manifest from --shards)")
     ap.add_argument("--resume", default="auto",
                     help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
     ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shards is not None:
         try:
             info = read_manifest(args.shards)
-            split = load_split(args.shards, "train")
+            split = load_split(args.shards, "train", args.shard_url)
         except ManifestError as e:
             fail(str(e))
         class_names = [str(c) for c in (info.get("class_names") or range(split.num_classes))]
@@ -102,9 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         for m in messages:
             print(f"[finetune] {m}")
-    write_resolved(recipe, "finetune", args.out, plan.as_dict(), args.overrides)
+    write_resolved(recipe, "finetune", args.out,
+                   {**plan.as_dict(), "init": args.init, "shards": str(args.shards),
+                    "shard_url": args.shard_url,
+                    "manifest_sha256": sha256_file(manifest_path(args.shards))}, args.overrides)
     job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
-                    init_fingerprint=src.fingerprint, record_keys=args.log_samples)
+                    init_fingerprint=src.fingerprint, record_keys=args.log_samples,
+                    shard_url=args.shard_url)
     try:
         result = train.run(job)
     except train.NonFiniteLoss as e:

@@ -48,9 +48,9 @@ def test_dvc_repro_runs_the_whole_demo_chain(clone, repro):
     metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=clone))
     evaluate = next(v for k, v in metrics.items() if isinstance(v, dict))["data"]
     ev = evaluate["runs/evaluate/metrics.json"]["data"]
-    assert ev["num_samples"] == 179 and ev["top1"] >= 90.0       # README: ~95% on digits 5-9
+    assert ev["num_samples"] == 179 and ev["top1"] >= 95.0       # README: ~98% on digits 5-9
     pretrain = evaluate["runs/pretrain/metrics.json"]["data"]
-    assert pretrain["val_top1_ema"] >= 80.0
+    assert pretrain["val_top1_ema"] >= 90.0
     assert (clone / "publish" / "demo" / "model.safetensors").is_file()
     assert (clone / "dvc.lock").is_file()
 

@@ -5,7 +5,6 @@ workers is what `rank_batches` reproduces); tests/test_distributed.py runs real 
 """
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
