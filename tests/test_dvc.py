@@ -67,3 +67,15 @@ def test_dvc_plots_render(clone, repro):
     assert (clone / "plots_html" / "index.html").is_file(), out
     html = (clone / "plots_html" / "index.html").read_text()
     assert "loss" in html and "confusion" in html.lower()
+
+
+def test_one_command_switches_the_chain_to_another_recipe_and_data(clone, repro):
+    src = clone / "data" / "demo" / "raw"
+    p = subprocess.run(["dvc", "exp", "run", "--dry", "-S", "variant=f1",
+                        "-S", f"data.pretrain={src / 'pretrain'}", "-S", f"data.finetune={src / 'finetune'}"],
+                       cwd=clone, env=ENV, capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    # a dry run prints the commands; it stops at pretrain because no shards were written
+    assert f"stages/shard.py --recipe recipes/f1.yaml --source {src / 'pretrain'}" in out
+    assert f"stages/shard.py --recipe recipes/f1.yaml --source {src / 'finetune'}" in out
+    assert "variant: demo" in (clone / "params.yaml").read_text()     # the workspace stays the demo
