@@ -134,3 +134,16 @@ def test_resume_a_one_process_checkpoint_on_two_processes(demo_shards, tmp_path)
     p = torchrun(2, *common, *two, "--out", str(tmp_path / "mixed"))
     assert "resumed from" in p.stdout
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "mixed"), atol=2e-4)
+
+
+def test_runs_under_accelerate_launch(demo_shards, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "stages" / "pretrain.py"), "--recipe", RECIPE, "--shards",
+           str(demo_shards["pretrain"]), "--out", str(tmp_path), *BASE, "pretrain.epochs=1",
+           "pretrain.micro_batch=32", "pretrain.eval_every=0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 22
+    assert (tmp_path / "model" / "ema.safetensors").is_file()
