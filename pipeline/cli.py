@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
-from pipeline.recipe import Recipe, RecipeError, load_recipe
+from pipeline.data.manifest import ManifestError, load_split, manifest_path, read_manifest, sha256_file
+from pipeline.recipe import Recipe, RecipeError, TrainSection, load_recipe
 
 
 def stage_parser(doc: str) -> argparse.ArgumentParser:
@@ -27,3 +30,48 @@ def load_recipe_or_exit(path: str, overrides: list[str]) -> Recipe:
         return load_recipe(path, overrides)
     except RecipeError as e:
         fail(str(e))
+
+
+def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
+    """The options pretrain and finetune share: data, output, resume, dry run, audits."""
+    ap.add_argument("--shards", type=Path, help="shard folder with _info.json (train split)")
+    ap.add_argument("--shard-url", metavar="TEMPLATE",
+                    help="read the tars from object storage / HTTP, e.g. "
+                         "'pipe:aws s3 cp s3://bucket/shards/{name} -' (manifest from --shards)")
+    ap.add_argument("--out", type=Path, default=Path(f"runs/{stage}"), help="output folder")
+    ap.add_argument("--resume", default="auto",
+                    help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
+    ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
+                    help="print the resolved plan and exit (no training, shards optional)")
+    ap.add_argument("--log-samples", type=Path, metavar="DIR",
+                    help="write the sample keys each process trains on to DIR/rank<N>.jsonl (audits)")
+    ap.add_argument("--processes", type=int, default=launch_processes(),
+                    help="processes to plan for with --dry-run (default: this launch)")
+
+
+def launch_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def training_data(args: argparse.Namespace, section: TrainSection, stage: str
+                  ) -> tuple[list[str], int]:
+    """(class names, train sample count) from the shards, or from the recipe for a dry run."""
+    if args.shards is not None:
+        try:
+            info = read_manifest(args.shards)
+            split = load_split(args.shards, "train", args.shard_url)
+        except ManifestError as e:
+            fail(str(e))
+        names = info.get("class_names") or range(split.num_classes)
+        return [str(c) for c in names], split.num_samples
+    if args.dry_run:
+        if section.expected_samples is None:
+            fail(f"--dry-run without --shards needs {stage}.expected_samples in the recipe")
+        return [str(i) for i in range(1000)], section.expected_samples
+    fail("--shards is required (the output folder of the shard stage)")
+
+
+def data_lineage(args: argparse.Namespace) -> dict:
+    """Where the training data came from, for the resolved recipe (and the model card)."""
+    return {"shards": str(args.shards), "shard_url": args.shard_url,
+            "manifest_sha256": sha256_file(manifest_path(args.shards))}

@@ -29,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
-from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
-from pipeline.data.manifest import (ManifestError, load_split, manifest_path,  # noqa: E402
-                                     read_manifest, sha256_file)
+from pipeline.cli import (add_training_args, data_lineage, fail, launch_processes,  # noqa: E402
+                          load_recipe_or_exit, stage_parser, training_data)
 from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.transfer import build_finetune_model, load_init, pretrain_res  # noqa: E402
 
@@ -40,37 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = stage_parser(__doc__)
     ap.add_argument("--init", required=True,
                     help="pretrained model folder, published folder, timm:<arch>=<file>, or none:<variant>")
-    ap.add_argument("--shards", type=Path, help="shard folder with _info.json (train split)")
-    ap.add_argument("--out", type=Path, default=Path("runs/finetune"), help="output folder")
-    ap.add_argument("--shard-url", metavar="TEMPLATE",
-                    help="read the tars from object storage / HTTP, e.g. "
-                         "'pipe:aws s3 cp s3://bucket/shards/{name} -' (manifest from --shards)")
-    ap.add_argument("--resume", default="auto",
-                    help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
-    ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
-                    help="print the resolved plan and exit (no training, shards optional)")
-    ap.add_argument("--log-samples", type=Path, metavar="DIR",
-                    help="write the sample keys each process trains on to DIR/rank<N>.jsonl (audits)")
-    ap.add_argument("--processes", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
-                    help="processes to plan for with --dry-run (default: this launch)")
+    add_training_args(ap, "finetune")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.finetune
 
-    if args.shards is not None:
-        try:
-            info = read_manifest(args.shards)
-            split = load_split(args.shards, "train", args.shard_url)
-        except ManifestError as e:
-            fail(str(e))
-        class_names = [str(c) for c in (info.get("class_names") or range(split.num_classes))]
-        num_samples = split.num_samples
-    elif args.dry_run:
-        if section.expected_samples is None:
-            fail("--dry-run without --shards needs finetune.expected_samples in the recipe")
-        class_names, num_samples = [str(i) for i in range(1000)], section.expected_samples
-    else:
-        fail("--shards is required (the output folder of the shard stage)")
+    class_names, num_samples = training_data(args, section, "finetune")
 
     try:
         src = load_init(args.init, section.init.weights, section.seed)
@@ -96,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                section.augment.interpolation, lineage)
     try:
         plan = train.make_plan(section, num_samples, args.processes if args.dry_run else
-                               int(os.environ.get("WORLD_SIZE", 1)))
+                               launch_processes())
     except ValueError as e:
         fail(f"{args.recipe}: finetune: {e}")
     if args.dry_run:
@@ -107,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in messages:
             print(f"[finetune] {m}")
     write_resolved(recipe, "finetune", args.out,
-                   {**plan.as_dict(), "init": args.init, "shards": str(args.shards),
-                    "shard_url": args.shard_url,
-                    "manifest_sha256": sha256_file(manifest_path(args.shards))}, args.overrides)
+                   {**plan.as_dict(), "init": args.init, **data_lineage(args)}, args.overrides)
     job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
                     init_fingerprint=src.fingerprint, record_keys=args.log_samples,
                     shard_url=args.shard_url)
