@@ -171,9 +171,15 @@ def load_model_dir(folder: str | os.PathLike, weights: str = "ema",
     return model.to(device).eval(), config
 
 
+def default_crop_pct(test_res: int, crop_mode: str) -> float:
+    """DeepMind's NFNet eval resizes to (S + 32)^2 ignoring aspect ("squash"), then crops S;
+    batch-norm ResNets are evaluated the standard way: shorter side to S / 0.875, centre crop S."""
+    return test_res / (test_res + 32) if crop_mode == "squash" else 0.875
+
+
 def model_config(model: nn.Module, arch: str, model_args: dict, class_names: list[str],
                  train_res: int, test_res: int, crop_pct: float, interpolation: str,
-                 extra: dict[str, Any]) -> dict[str, Any]:
+                 extra: dict[str, Any], crop_mode: str = "squash") -> dict[str, Any]:
     """config.json in timm's hub format (so `timm.create_model('local-dir:...')` works)."""
     from pipeline.data.transforms import MEAN, STD
     timm_cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -189,7 +195,7 @@ def model_config(model: nn.Module, arch: str, model_args: dict, class_names: lis
             "test_input_size": [3, test_res, test_res],
             "crop_pct": crop_pct,
             "test_crop_pct": crop_pct,
-            "crop_mode": "squash",
+            "crop_mode": crop_mode,
             "interpolation": interpolation,
             "mean": list(MEAN),
             "std": list(STD),

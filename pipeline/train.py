@@ -272,7 +272,7 @@ class _Loop:
                             torch._foreach_sub_(*perturbation)       # back to w before AGC
                     if self.agc is not None:
                         self.agc()
-                    if s.nan_policy == "skip" and not _all_finite(acc, step_loss):
+                    if s.nan_policy == "skip" and not _step_is_finite(acc, step_loss, self.optimizer):
                         self.optimizer.zero_grad(set_to_none=True)   # drop the step (syncs)
                         self.skipped += 1
                         if acc.is_main_process:
@@ -373,9 +373,12 @@ def _find_resume(resume: str, root: Path) -> Optional[Path]:
     return path
 
 
-def _all_finite(acc: Accelerator, value: torch.Tensor) -> bool:
-    flag = torch.isfinite(value).float()
-    return bool(acc.reduce(flag, "min").item() > 0)
+def _step_is_finite(acc: Accelerator, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """Loss and every gradient finite on every process (a finite loss can still come with an
+    infinite gradient). One host sync: only `nan_policy: skip` pays it, every step."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    ok = torch.isfinite(loss) & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+    return bool(acc.reduce(ok.float(), "min").item() > 0)
 
 
 def _check_finite(acc: Accelerator, bad_step: torch.Tensor, section: TrainSection, stage: str,

@@ -262,3 +262,13 @@ def _module_prefixes(names: list[str]) -> list[str]:
 
 def _short(names: list[str], k: int = 5) -> str:
     return "[" + ", ".join(names[:k]) + (", ..." if len(names) > k else "") + "]"
+
+
+def init_crop_mode(config: dict[str, Any]) -> str:
+    """Evaluate as the pretrained model was: its crop mode, else its variant's (NFNets: squash)."""
+    from pipeline.variants import VARIANTS
+    mode = config.get("pretrained_cfg", {}).get("crop_mode")
+    variant = config.get("nfnet_pipeline", {}).get("variant")
+    if mode is None and variant in VARIANTS:
+        mode = VARIANTS[variant].crop_mode
+    return mode or "squash"

@@ -44,12 +44,14 @@ class Variant:
     family: str = "nfnet"          # "nfnet", or "batchnorm" for the BN baselines
 
     @property
+    def crop_mode(self) -> str:
+        # DeepMind evaluates NFNets by resizing to (S + 32) x (S + 32), ignoring aspect, then a
+        # centre crop of S (timm's "squash"); BN ResNets the standard way ("center", 224 / 256).
+        return "center" if self.family == "batchnorm" else "squash"
+
+    @property
     def crop_pct(self) -> float:
-        if self.family == "batchnorm":
-            return 0.875           # the standard ImageNet eval crop for BN ResNets (224 / 256)
-        # DeepMind evaluates by resizing to (S + 32) x (S + 32), ignoring aspect, then a centre
-        # crop of S: timm's crop_mode "squash" with crop_pct S / (S + 32).
-        return self.test_res / (self.test_res + 32)
+        return 0.875 if self.family == "batchnorm" else self.test_res / (self.test_res + 32)
 
     def model_args(self, width: float = 1.0) -> dict[str, Any]:
         """Keyword arguments that turn `timm_arch` into this variant (JSON-serialisable)."""
@@ -107,7 +109,8 @@ VARIANTS["resnet50"] = Variant("resnet50", (3, 4, 6, 3), (256, 512, 1024, 2048),
                                0.0, 25.6, "resnet50", family="batchnorm")
 VARIANTS["seresnext50"] = Variant("seresnext50", (3, 4, 6, 3), (256, 512, 1024, 2048), 224, 224,
                                   0, 0, 0.0, 27.6, "seresnext50_32x4d", family="batchnorm")
-# A tiny BN ResNet for tests and the CPU demo comparison, about the tiny NFNet's size.
+# A tiny BN ResNet for tests and the CPU demo comparison: 0.33 M parameters, twice the tiny NFNet
+# (timm keeps its 64-channel 7x7 stem whatever stem_width says); reports/nf_vs_bn.md compares them.
 VARIANTS["tiny_bn"] = Variant(
     "tiny_bn", (1, 1, 1, 1), (16, 32, 64, 128), 32, 48, 0, 0, 0.0, None, "resnet18",
     arch_overrides=dict(layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16),

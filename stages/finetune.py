@@ -32,7 +32,7 @@ from pipeline import train  # noqa: E402
 from pipeline.cli import (add_training_args, data_lineage, fail, launch_processes,  # noqa: E402
                           load_recipe_or_exit, stage_parser, training_data)
 from pipeline.recipe import write_resolved  # noqa: E402
-from pipeline.transfer import build_finetune_model, load_init, pretrain_res  # noqa: E402
+from pipeline.transfer import build_finetune_model, init_crop_mode, load_init, pretrain_res  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{section.train_res} px, testing at {section.test_res} px"
                         + ("" if section.train_res > before else
                            " (not above the pretraining resolution: the paper's transfer raises it)"))
-    crop_pct = section.crop_pct or section.test_res / (section.test_res + 32)
+    crop_mode = init_crop_mode(init_config)
+    crop_pct = section.crop_pct or ckpt.default_crop_pct(section.test_res, crop_mode)
     lineage = {**init_config.get("nfnet_pipeline", {}), "init": args.init,
                "init_weights": src.weights_label, "recipe": recipe.name}
     for k in ("step", "stage", "fingerprint"):      # the init's own; the engine writes ours
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         lineage["init_res"] = before
     config = ckpt.model_config(model, init_config["architecture"], init_config.get("model_args", {}),
                                class_names, section.train_res, section.test_res, crop_pct,
-                               section.augment.interpolation, lineage)
+                               section.augment.interpolation, lineage, crop_mode)
     try:
         plan = train.make_plan(section, num_samples, args.processes if args.dry_run else
                                launch_processes())

@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
                                           section.model.drop_path_rate, section.model.width,
                                           device="meta" if args.dry_run else None,
                                           seed=section.seed)
-    crop_pct = section.crop_pct or section.test_res / (section.test_res + 32)
+    crop_pct = section.crop_pct or ckpt.default_crop_pct(section.test_res, variant.crop_mode)
     config = ckpt.model_config(model, arch, model_args, [str(c) for c in class_names],
                                section.train_res, section.test_res, crop_pct,
                                section.augment.interpolation,
                                {"variant": variant.name, "width": section.model.width,
-                                "recipe": recipe.name})
+                                "recipe": recipe.name}, variant.crop_mode)
     try:
         plan = train.make_plan(section, num_samples, args.processes if args.dry_run else
                                launch_processes())
