@@ -75,3 +75,14 @@ def data_lineage(args: argparse.Namespace) -> dict:
     """Where the training data came from, for the resolved recipe (and the model card)."""
     return {"shards": str(args.shards), "shard_url": args.shard_url,
             "manifest_sha256": sha256_file(manifest_path(args.shards))}
+
+
+def train_and_finish(job) -> int:
+    """Run a training job (pipeline.train) and write its metrics; a NaN loss exits with 1."""
+    from pipeline import train
+    try:
+        result = train.run(job)
+    except train.NonFiniteLoss as e:
+        fail(str(e), code=1)
+    train.finish(result, job)
+    return 0

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
 from pipeline.cli import (add_training_args, data_lineage, fail, launch_processes,  # noqa: E402
-                          load_recipe_or_exit, stage_parser, training_data)
+                          load_recipe_or_exit, stage_parser, train_and_finish, training_data)
 from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.transfer import build_finetune_model, init_crop_mode, load_init, pretrain_res  # noqa: E402
 
@@ -86,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
                     init_fingerprint=src.fingerprint, record_keys=args.log_samples,
                     shard_url=args.shard_url)
-    try:
-        result = train.run(job)
-    except train.NonFiniteLoss as e:
-        fail(str(e), code=1)
-    train.finish(result, job)
-    return 0
+    return train_and_finish(job)
 
 
 if __name__ == "__main__":

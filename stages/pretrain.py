@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
 from pipeline.cli import (add_training_args, data_lineage, fail, launch_processes,  # noqa: E402
-                          load_recipe_or_exit, stage_parser, training_data)
+                          load_recipe_or_exit, stage_parser, train_and_finish, training_data)
 from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.variants import build_model, get_variant  # noqa: E402
 
@@ -61,12 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                    {**plan.as_dict(), **data_lineage(args)}, args.overrides)
     job = train.Job("pretrain", section, model, args.shards, args.out, config, resume=args.resume,
                     record_keys=args.log_samples, shard_url=args.shard_url)
-    try:
-        result = train.run(job)
-    except train.NonFiniteLoss as e:
-        fail(str(e), code=1)
-    train.finish(result, job)
-    return 0
+    return train_and_finish(job)
 
 
 if __name__ == "__main__":

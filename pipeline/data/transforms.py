@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import functools
+
 import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -58,10 +60,16 @@ def eval_transform(res: int, crop_pct: float, interpolation: str = "bicubic",
                                     use_prefetcher=True)
 
 
+@functools.lru_cache(maxsize=8)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: no host-to-device copy in every training step
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW batch (on its device) -> float, ImageNet mean/std normalised."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = _mean_std(images.device)
     x = images.float().sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
