@@ -12,38 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.utils.agc import adaptive_clip_grad  # noqa: E402
 
 from pipeline.agc import AGC, split_parameters  # noqa: E402
+from train_throughput import Timer  # noqa: E402
 from pipeline.variants import build_model  # noqa: E402
 
 
 def timed(fn, device, repeat, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return Timer(device)(fn, repeat, warmup)[0]      # CUDA events / perf_counter medians
 
 
 def main(argv=None):

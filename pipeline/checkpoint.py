@@ -178,9 +178,11 @@ def default_crop_pct(test_res: int, crop_mode: str) -> float:
 
 
 def model_config(model: nn.Module, arch: str, model_args: dict, class_names: list[str],
-                 train_res: int, test_res: int, crop_pct: float, interpolation: str,
+                 train_res: int, test_res: int, crop_pct: Optional[float], interpolation: str,
                  extra: dict[str, Any], crop_mode: str = "squash") -> dict[str, Any]:
-    """config.json in timm's hub format (so `timm.create_model('local-dir:...')` works)."""
+    """config.json in timm's hub format (so `timm.create_model('local-dir:...')` works).
+    `crop_pct` None: the default of `crop_mode` (see default_crop_pct)."""
+    crop_pct = crop_pct or default_crop_pct(test_res, crop_mode)
     from pipeline.data.transforms import MEAN, STD
     timm_cfg = getattr(model, "pretrained_cfg", None) or {}
     return {

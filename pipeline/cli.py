@@ -86,3 +86,18 @@ def train_and_finish(job) -> int:
         fail(str(e), code=1)
     train.finish(result, job)
     return 0
+
+
+def plan_or_exit(args: argparse.Namespace, section: TrainSection, stage: str, num_samples: int,
+                 model, config: dict):
+    """The run's plan; with --dry-run, print it and exit 0. A plan that cannot work exits 2."""
+    from pipeline.plan import dry_run_report, make_plan
+    try:
+        plan = make_plan(section, num_samples,
+                         args.processes if args.dry_run else launch_processes())
+    except ValueError as e:
+        fail(f"{args.recipe}: {stage}: {e}")
+    if args.dry_run:
+        print(dry_run_report(plan, section, model, config, args.dry_run))
+        sys.exit(0)
+    return plan

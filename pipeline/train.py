@@ -29,7 +29,7 @@ from pipeline.data.reader import (Cursor, TrainStreams, advance, make_loader, mi
                                   rescale_cursor)
 from pipeline.data.transforms import mix_batch, mixed_cross_entropy, normalize, train_transform
 from pipeline.evaluate import validate
-from pipeline.plan import Plan, dry_run_report, make_plan  # noqa: F401  (stages call train.*)
+from pipeline.plan import Plan, make_plan
 from pipeline.recipe import TrainSection, to_dict
 from pipeline.variants import has_batchnorm
 
@@ -235,6 +235,10 @@ class _Loop:
         rng = np.random.default_rng([s.seed, step, micro, self.acc.process_index])
         return mix_batch(x, y, s.augment.mixup_alpha, s.augment.cutmix_alpha, rng)
 
+    def log_keys(self, step: int, micro: int, batch: dict) -> None:
+        if self.keys_log:
+            self.keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch["key"]}) + "\n")
+
     def loss(self, inputs) -> torch.Tensor:
         x, ya, yb, ratio = inputs
         with self.acc.autocast():
@@ -258,9 +262,8 @@ class _Loop:
         self.reseed(step)
         for micro in range(plan.accum_steps):
             batch = batches[micro] if batches is not None else next(self.batches)
-            if self.keys_log and perturbation is None:
-                self.keys_log.write(json.dumps({"step": step, "micro": micro,
-                                                "keys": batch["key"]}) + "\n")
+            if perturbation is None:
+                self.log_keys(step, micro, batch)
             with acc.accumulate(self.ddp_model):
                 loss = self.loss(self.inputs(batch, step, micro))
                 acc.backward(loss)
@@ -290,9 +293,7 @@ class _Loop:
         total = torch.zeros((), device=acc.device)
         with acc.no_sync(self.ddp_model):
             for micro, batch in enumerate(batches):
-                if self.keys_log:
-                    self.keys_log.write(json.dumps({"step": step, "micro": micro,
-                                                    "keys": batch["key"]}) + "\n")
+                self.log_keys(step, micro, batch)
                 loss = self.loss(self.inputs(batch, step, micro))
                 acc.backward(loss)
                 total += loss.detach() / plan.accum_steps

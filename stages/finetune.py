@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
-from pipeline.cli import (add_training_args, data_lineage, fail, launch_processes,  # noqa: E402
+from pipeline.cli import (add_training_args, data_lineage, fail, plan_or_exit,  # noqa: E402
                           load_recipe_or_exit, stage_parser, train_and_finish, training_data)
 from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.transfer import build_finetune_model, init_crop_mode, load_init, pretrain_res  # noqa: E402
@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
                         + ("" if section.train_res > before else
                            " (not above the pretraining resolution: the paper's transfer raises it)"))
     crop_mode = init_crop_mode(init_config)
-    crop_pct = section.crop_pct or ckpt.default_crop_pct(section.test_res, crop_mode)
     lineage = {**init_config.get("nfnet_pipeline", {}), "init": args.init,
                "init_weights": src.weights_label, "recipe": recipe.name}
     for k in ("step", "stage", "fingerprint"):      # the init's own; the engine writes ours
@@ -67,16 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if before is not None:
         lineage["init_res"] = before
     config = ckpt.model_config(model, init_config["architecture"], init_config.get("model_args", {}),
-                               class_names, section.train_res, section.test_res, crop_pct,
+                               class_names, section.train_res, section.test_res, section.crop_pct,
                                section.augment.interpolation, lineage, crop_mode)
-    try:
-        plan = train.make_plan(section, num_samples, args.processes if args.dry_run else
-                               launch_processes())
-    except ValueError as e:
-        fail(f"{args.recipe}: finetune: {e}")
-    if args.dry_run:
-        print(train.dry_run_report(plan, section, model, config, args.dry_run))
-        return 0
+    plan = plan_or_exit(args, section, "finetune", num_samples, model, config)
 
     if int(os.environ.get("RANK", 0)) == 0:
         for m in messages:

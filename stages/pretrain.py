@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import train  # noqa: E402
-from pipeline.cli import (add_training_args, data_lineage, fail, launch_processes,  # noqa: E402
+from pipeline.cli import (add_training_args, data_lineage, fail, plan_or_exit,  # noqa: E402
                           load_recipe_or_exit, stage_parser, train_and_finish, training_data)
 from pipeline.recipe import write_resolved  # noqa: E402
 from pipeline.variants import build_model, get_variant  # noqa: E402
@@ -42,20 +42,12 @@ def main(argv: list[str] | None = None) -> int:
                                           section.model.drop_path_rate, section.model.width,
                                           device="meta" if args.dry_run else None,
                                           seed=section.seed)
-    crop_pct = section.crop_pct or ckpt.default_crop_pct(section.test_res, variant.crop_mode)
     config = ckpt.model_config(model, arch, model_args, [str(c) for c in class_names],
-                               section.train_res, section.test_res, crop_pct,
+                               section.train_res, section.test_res, section.crop_pct,
                                section.augment.interpolation,
                                {"variant": variant.name, "width": section.model.width,
                                 "recipe": recipe.name}, variant.crop_mode)
-    try:
-        plan = train.make_plan(section, num_samples, args.processes if args.dry_run else
-                               launch_processes())
-    except ValueError as e:
-        fail(f"{args.recipe}: pretrain: {e}")
-    if args.dry_run:
-        print(train.dry_run_report(plan, section, model, config, args.dry_run))
-        return 0
+    plan = plan_or_exit(args, section, "pretrain", num_samples, model, config)
 
     write_resolved(recipe, "pretrain", args.out,
                    {**plan.as_dict(), **data_lineage(args)}, args.overrides)

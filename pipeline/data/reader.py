@@ -38,6 +38,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.device_aug import pack_jpegs
 from pipeline.data.manifest import SplitInfo
 
 
@@ -290,7 +291,6 @@ class TrainStreams(IterableDataset):
                     index.append(epoch * self.split.num_samples + idx)
                     seeds.append(s)
             if self.transform is None:
-                from pipeline.data.device_aug import pack_jpegs
                 jpeg, offsets = pack_jpegs(images)
                 yield {"jpeg": jpeg, "offsets": offsets, "label": torch.tensor(labels),
                        "key": keys, "index": torch.tensor(index), "seed": seeds}
