@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.recipe import atomic_write_text
+from pipeline.io import atomic_write_text
 
 CHANCE_MARGIN = 5.0        # top-1 within this many points of chance counts as "at chance"
 STAGES = Path(__file__).resolve().parents[1] / "stages"

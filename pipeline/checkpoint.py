@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.data.transforms import MEAN, STD
+from pipeline.io import atomic_dir
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -52,24 +53,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
                     meta: dict[str, Any], keep: int) -> Path:
     """Write `root/step-<step>` atomically, then delete all but the newest `keep` checkpoints."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         save_file(_state_for_save(model), str(tmp / "model.safetensors"))
         if ema is not None:
             save_file(_state_for_save(ema), str(tmp / "ema.safetensors"))
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():                      # a re-run of the same step: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -107,22 +97,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, ema: Optional[nn.
 
 def save_model_dir(out: str | os.PathLike, model: nn.Module, ema: Optional[nn.Module],
                    config: dict[str, Any]) -> Path:
-    """Write weights and config.json into `out` (replaced atomically as a whole folder)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    """Write weights and config.json into `out`, replacing the folder as a whole (io.atomic_dir)."""
+    with atomic_dir(out) as tmp:
         save_file(_state_for_save(model), str(tmp / "model.safetensors"))
         if ema is not None:
             save_file(_state_for_save(ema), str(tmp / "ema.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def read_model_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -157,17 +138,71 @@ def build_from_config(config: dict[str, Any], num_classes: Optional[int] = None,
                              **config.get("model_args", {}), **kwargs)
 
 
+def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor],
+                     may_miss: Optional[str] = None) -> Optional[str]:
+    """None when `state` fits `model` (every tensor name and shape), else what differs.
+    `may_miss`: a module prefix (a new head) whose tensors the state may lack."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(k for k in set(expected) - set(got)
+                     if not (may_miss and k.startswith(may_miss + ".")))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{k} {got[k]} (the architecture has {expected[k]})"
+             for k in sorted(set(expected) & set(got)) if expected[k] != got[k]]
+    if not (missing or unexpected or wrong):
+        return None
+    return f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:3]}"
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
+                 config: dict[str, Any], may_miss: Optional[str] = None) -> nn.Module:
+    """Load `state` into `model` after checking that it fits: the one "do these weights fit this
+    architecture" check of the project. Raises CheckpointError naming the file and the tensors."""
+    problem = weights_mismatch(model, state, may_miss)
+    if problem is not None:
+        raise CheckpointError(f"{source}: the weights do not fit the architecture "
+                              f"{config['architecture']} {config.get('model_args', {})} of "
+                              f"config.json: {problem}")
+    model.load_state_dict(state, strict=may_miss is None)
+    return model
+
+
+def is_published(folder: str | os.PathLike) -> bool:
+    """A folder written by the publish stage (or downloaded from the Hub): one model.safetensors,
+    no ema.safetensors, and the publish stage's SHA256SUMS or model card next to it."""
+    folder = Path(folder)
+    return ((folder / "model.safetensors").is_file() and not (folder / "ema.safetensors").exists()
+            and ((folder / "SHA256SUMS").is_file() or (folder / "README.md").is_file()))
+
+
+def model_weights(folder: str | os.PathLike, weights: str) -> tuple[Path, str, Optional[str]]:
+    """(file, label, message) of the `ema` / `raw` weights of a model folder.
+
+    A published folder holds only the weights publish chose (EMA by default), so both `ema` and
+    `raw` resolve to its model.safetensors, labelled `published`, with a message saying so.
+    """
+    folder = Path(folder)
+    if is_published(folder):
+        return (folder / "model.safetensors", "published",
+                f"{folder} is a published folder: its model.safetensors are the published weights "
+                f"(publish.weights chose EMA or raw); using them for weights={weights}")
+    try:
+        return weights_file(folder, weights), weights, None
+    except CheckpointError as e:
+        if weights == "ema" and (folder / "model.safetensors").is_file():
+            raise CheckpointError(f"{folder} has no EMA weights (ema.safetensors: the run had "
+                                  f"ema_decay null); use the raw ones (weights: raw)") from None
+        raise CheckpointError(f"{e}; expected a model folder of the pretrain / finetune stage or "
+                              f"a published folder") from None
+
+
 def load_model_dir(folder: str | os.PathLike, weights: str = "ema",
                    device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild and load the model of a model folder; checks that the tensors match."""
+    """Rebuild and load the model of a model folder (checked with `load_weights`)."""
     config = read_model_config(folder)
-    model = build_from_config(config)
-    state = load_file(str(weights_file(folder, weights)), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match architecture "
-                              f"{config['architecture']} {config.get('model_args', {})}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    path = weights_file(folder, weights)
+    model = load_weights(build_from_config(config), load_file(str(path), device=str(device)), path,
+                         config)
     return model.to(device).eval(), config
 
 
@@ -183,7 +218,6 @@ def model_config(model: nn.Module, arch: str, model_args: dict, class_names: lis
     """config.json in timm's hub format (so `timm.create_model('local-dir:...')` works).
     `crop_pct` None: the default of `crop_mode` (see default_crop_pct)."""
     crop_pct = crop_pct or default_crop_pct(test_res, crop_mode)
-    from pipeline.data.transforms import MEAN, STD
     timm_cfg = getattr(model, "pretrained_cfg", None) or {}
     return {
         "architecture": arch,

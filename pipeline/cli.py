@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from pipeline.data.manifest import ManifestError, load_split, manifest_path, read_manifest, sha256_file
+from pipeline.data.manifest import ManifestError, load_split, manifest_path, read_manifest
+from pipeline.io import sha256_file
 from pipeline.recipe import Recipe, RecipeError, TrainSection, load_recipe
 
 

@@ -17,11 +17,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from safetensors.torch import load_file
 from torch import nn
 
+from pipeline import checkpoint as ckpt
 from pipeline.data.manifest import SplitInfo
 from pipeline.data.reader import EvalShards, make_loader
-from pipeline.data.transforms import MEAN, STD
+from pipeline.data.transforms import MEAN, STD, eval_transform, normalize
 
 
 @dataclass
@@ -46,14 +48,10 @@ def predict(model: nn.Module, split: SplitInfo, transform, *, batch: int, worker
     model.eval()
     ds = EvalShards(split, transform, rank=rank, world=world, workers=workers, batch=batch)
     loader = make_loader(ds, workers, pin_memory=device.type == "cuda")
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     parts: list[dict[str, np.ndarray]] = []
     t_forward, t0 = 0.0, time.perf_counter()
     for b in loader:
-        x = b["image"].to(device, non_blocking=True).float().sub_(mean_t).div_(std_t)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(b["image"].to(device, non_blocking=True), channels_last, mean, std)
         _sync(device)
         t1 = time.perf_counter()
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
@@ -150,11 +148,8 @@ class EvalSettings:
     std: tuple[float, ...]
 
     def transform(self):
-        from timm.data.transforms_factory import transforms_imagenet_eval
-        # uint8 tensors out (use_prefetcher); `predict` normalises with mean / std on the device
-        return transforms_imagenet_eval(img_size=self.res, crop_pct=self.crop_pct,
-                                        crop_mode=self.crop_mode, interpolation=self.interpolation,
-                                        mean=self.mean, std=self.std, use_prefetcher=True)
+        return eval_transform(self.res, self.crop_pct, self.interpolation, self.crop_mode,
+                              self.mean, self.std)
 
 
 def eval_settings(config: dict[str, Any], test_res: Optional[int] = None,
@@ -183,15 +178,11 @@ def load_models(folder, wanted: list[str], device: torch.device | str = "cpu"
                 ) -> tuple[dict[str, nn.Module], dict[str, Any], list[str]]:
     """({label: model}, config, messages) for the weights in `wanted` (ema, raw) that the model
     folder has, each file loaded once; a published folder's single file is labelled `published`."""
-    from safetensors.torch import load_file
-
-    from pipeline import checkpoint as ckpt
-    from pipeline.transfer import model_weights
     config = ckpt.read_model_config(folder)
     models, seen, messages = {}, set(), []
     for w in wanted:
         try:
-            path, label, message = model_weights(folder, w)
+            path, label, message = ckpt.model_weights(folder, w)
         except ckpt.CheckpointError as e:
             messages.append(f"skipping {w} weights: {e}")
             continue
@@ -199,16 +190,7 @@ def load_models(folder, wanted: list[str], device: torch.device | str = "cpu"
             continue
         seen.add(path)
         messages += [message] if message else []
-        model = ckpt.build_from_config(config)
-        try:
-            missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-        except RuntimeError as e:                       # shape mismatches
-            raise ckpt.CheckpointError(f"{path} does not fit {config['architecture']}: "
-                                       f"{str(e)[:600]}") from None
-        if missing or unexpected:
-            raise ckpt.CheckpointError(f"{path} does not fit {config['architecture']} "
-                                       f"{config.get('model_args', {})}: missing {missing[:5]}, "
-                                       f"unexpected {unexpected[:5]}")
+        model = ckpt.load_weights(ckpt.build_from_config(config), load_file(str(path)), path, config)
         models[label] = model.to(device).eval()
     return models, config, messages
 

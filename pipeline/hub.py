@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.data.manifest import sha256_file
+from pipeline.io import sha256_file
 from pipeline.recipe import PublishSection
 
 WEIGHTS = "model.safetensors"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,99 +19,158 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.io import atomic_write_text
+
 
 class RecipeError(ValueError):
     """A recipe file or override is wrong; the message names the file, the key and the fix."""
 
 
 # --------------------------------------------------------------------------------------------
+# Allowed values. A numeric key declares its range with `bounds(...)`; `_build` checks it right
+# after the type, so a bad value stops the stage before any work, in the type errors' style.
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False           # True: lo itself is not allowed
+    hi_open: bool = False
+
+    def ok(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def describe(self) -> str:
+        def num(x: float) -> str:
+            return f"{x:g}"
+        if self.lo is not None and self.hi is not None:
+            return (f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}"
+                    f"{')' if self.hi_open else ']'}")
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"{'<' if self.hi_open else '<='} {num(self.hi)}"     # type: ignore[arg-type]
+
+
+def bounds(*, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+           lt: Optional[float] = None, default: Any = dataclasses.MISSING) -> Any:
+    """A schema field whose value (every item, for a list) must lie in the given range."""
+    rng = Range(gt if gt is not None else ge, lt if lt is not None else le,
+                lo_open=gt is not None, hi_open=lt is not None)
+    return field(default=default, metadata={"range": rng})
+
+
+# --------------------------------------------------------------------------------------------
 # Schema. Fields without a default must be written in every recipe ("every number pinned").
+# A section's `check(where)` runs after its keys are read: rules that involve several keys.
 # --------------------------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
 class ShardSection:
-    shard_size: int                       # samples per tar shard
-    max_size: Optional[int]               # shorter side is resized down to this (px); null keeps size
-    jpeg_quality: int                     # re-encode quality for resized / converted images
-    seed: int                             # seeds the permutation of samples across shards
+    shard_size: int = bounds(ge=1)        # samples per tar shard
+    max_size: Optional[int] = bounds(ge=1)  # shorter side is resized down to this (px); null keeps size
+    jpeg_quality: int = bounds(ge=1, le=100)  # re-encode quality for resized / converted images
+    seed: int = bounds(ge=0)              # seeds the permutation of samples across shards
     splits: list[str]                     # split folders (or dataset splits) to shard, e.g. [train, val]
-    max_skipped_fraction: float = 0.001   # fail if more unreadable images than this are skipped
+    max_skipped_fraction: float = bounds(ge=0, le=1, default=0.001)  # fail if more unreadable
+                                          # images than this are skipped
     class_list: Optional[str] = None      # file with one class name per line; default: sorted folders
     label_file: Optional[str] = None      # labels of a flat split folder (ImageNet val as shipped):
                                           # LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt
     image_column: str = "image"           # Hugging Face datasets sources
     label_column: str = "label"
-    workers: int = 0                      # processes; 0 = all cores
+    workers: int = bounds(ge=0, default=0)  # processes; 0 = all cores
+
+    def check(self, where: str) -> None:
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise RecipeError(f"'{where}.splits' must name distinct splits, got {self.splits!r}")
+        bad = [s for s in self.splits if not s or not s.replace("_", "").replace("-", "").isalnum()]
+        if bad:
+            raise RecipeError(f"'{where}.splits': {bad!r} must be letters, digits, '_' or '-' "
+                              f"(they name files)")
 
 
 @dataclass(kw_only=True)
-class ModelSection:
-    variant: str                          # a key of pipeline.variants.VARIANTS
-    drop_rate: float                      # dropout before the classifier
-    drop_path_rate: float                 # stochastic depth, ramped linearly over blocks
-    width: float = 1.0                    # DeepMind's width multiplier on the block widths
+class TrainModelSection:
+    """The model keys every training stage has."""
+    drop_rate: float = bounds(ge=0, lt=1)       # dropout before the classifier
+    drop_path_rate: float = bounds(ge=0, lt=1)  # stochastic depth, ramped linearly over blocks
     sync_bn: bool = False                 # BN baselines: batch statistics across GPUs
 
 
 @dataclass(kw_only=True)
-class FinetuneModelSection:
-    drop_rate: float
-    drop_path_rate: float
-    sync_bn: bool = False
+class ModelSection(TrainModelSection):
+    """pretrain.model: which network to build."""
+    variant: str                          # a key of pipeline.variants.VARIANTS
+    width: float = bounds(gt=0, default=1.0)  # DeepMind's width multiplier on the block widths
+
+
+@dataclass(kw_only=True)
+class FinetuneModelSection(TrainModelSection):
     bn_stats: Literal["train", "freeze"] = "train"   # BN baselines: update or freeze BN statistics
 
 
 @dataclass(kw_only=True)
 class AugmentSection:
-    crop_scale: list[float]               # RandomResizedCrop area range, e.g. [0.08, 1.0]
+    crop_scale: list[float] = bounds(gt=0, le=1)  # RandomResizedCrop area range, e.g. [0.08, 1.0]
     hflip: bool
-    randaugment_layers: int               # 0 = no RandAugment
-    randaugment_magnitude: int            # DeepMind's levels: 5, 10 or 15 (timm's cap is raised)
-    mixup_alpha: float                    # 0 = off; MixUp on one half of each batch ...
-    cutmix_alpha: float                   # ... and CutMix on the other half (DeepMind)
+    randaugment_layers: int = bounds(ge=0)        # 0 = no RandAugment
+    randaugment_magnitude: int = bounds(ge=0, le=30)  # DeepMind's levels: 5, 10 or 15
+    mixup_alpha: float = bounds(ge=0)     # 0 = off; MixUp on one half of each batch ...
+    cutmix_alpha: float = bounds(ge=0)    # ... and CutMix on the other half (DeepMind)
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+
+    def check(self, where: str) -> None:
+        if len(self.crop_scale) != 2 or self.crop_scale[0] > self.crop_scale[1]:
+            raise RecipeError(f"'{where}.crop_scale' must be [min, max] with 0 < min <= max <= 1 "
+                              f"(fractions of the image area), got {self.crop_scale!r}")
 
 
 @dataclass(kw_only=True)
 class LoaderSection:
-    num_workers: int                      # dataloader worker processes per device
-    shuffle_block: int                    # samples shuffled together within the epoch stream
+    num_workers: int = bounds(ge=0)       # dataloader worker processes per device
+    shuffle_block: int = bounds(ge=1)     # samples shuffled together within the epoch stream
     decode: Literal["cpu", "device"] = "cpu"   # device: nvJPEG decode + augmentation on the GPU
 
 
 @dataclass(kw_only=True)
 class TrainSection:
-    train_res: int                        # training resolution (px)
-    test_res: int                         # evaluation resolution of the trained model (px)
-    crop_pct: Optional[float] = None      # eval centre-crop fraction; null: S / (S + 32), DeepMind's
-    expected_samples: Optional[int] = None  # dataset size for --dry-run without shards
-    epochs: Optional[float] = None        # give epochs or steps (optimizer steps), not both
-    steps: Optional[int] = None
-    warmup_epochs: Optional[float] = None
-    warmup_steps: Optional[int] = None
-    global_batch: int                     # samples per optimizer step, all devices together
-    micro_batch: int                      # most samples per device per forward pass (memory);
+    """The keys pretrain and finetune share (the training engine reads only these)."""
+    model: TrainModelSection
+    train_res: int = bounds(ge=16)        # training resolution (px)
+    test_res: int = bounds(ge=16)         # evaluation resolution of the trained model (px)
+    crop_pct: Optional[float] = bounds(gt=0, le=1, default=None)  # eval centre-crop fraction;
+                                          # null: S / (S + 32), DeepMind's
+    expected_samples: Optional[int] = bounds(ge=1, default=None)  # dataset size for --dry-run
+    epochs: Optional[float] = bounds(gt=0, default=None)  # give epochs or steps (optimizer steps)
+    steps: Optional[int] = bounds(ge=1, default=None)
+    warmup_epochs: Optional[float] = bounds(ge=0, default=None)
+    warmup_steps: Optional[int] = bounds(ge=0, default=None)
+    global_batch: int = bounds(ge=1)      # samples per optimizer step, all devices together
+    micro_batch: int = bounds(ge=1)       # most samples per device per forward pass (memory);
                                           # fewer when global_batch / processes is smaller
-    lr_base: float
+    lr_base: float = bounds(gt=0)
     lr_batch_scaling: bool                # lr = lr_base * global_batch / 256 when true
-    momentum: float
+    momentum: float = bounds(ge=0, lt=1)
     nesterov: bool
-    weight_decay: float                   # on conv/linear weights only, never gains or biases
-    clip_factor: Optional[float]          # AGC lambda; null = no clipping
-    agc_eps: float = 1e-3
-    label_smoothing: float
-    ema_decay: Optional[float]            # max EMA decay; null = no EMA
-    sam_rho: Optional[float] = None       # Sharpness-Aware Minimisation radius; null = off
+    weight_decay: float = bounds(ge=0)    # on conv/linear weights only, never gains or biases
+    clip_factor: Optional[float] = bounds(gt=0)  # AGC lambda; null = no clipping
+    agc_eps: float = bounds(gt=0, default=1e-3)
+    label_smoothing: float = bounds(ge=0, lt=1)
+    ema_decay: Optional[float] = bounds(gt=0, lt=1)  # max EMA decay; null = no EMA
+    sam_rho: Optional[float] = bounds(gt=0, default=None)  # SAM radius; null = off
     augment: AugmentSection
     loader: LoaderSection
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     channels_last: bool = True
-    compile: bool = False
-    seed: int
-    log_every: int = 10                   # optimizer steps between log lines / tracker points
-    checkpoint_every: int = 0             # optimizer steps between checkpoints; 0 = only at the end
-    eval_every: int = 0                   # optimizer steps between val top-1 points; 0 = only at the end
-    keep_checkpoints: int = 2
+    compile: bool = False                 # torch.compile the model for training and evaluation
+    seed: int = bounds(ge=0)
+    log_every: int = bounds(ge=1, default=10)  # optimizer steps between log lines / tracker points
+    checkpoint_every: int = bounds(ge=0, default=0)  # steps between checkpoints; 0 = only at the end
+    eval_every: int = bounds(ge=0, default=0)  # steps between val top-1 points; 0 = only at the end
+    keep_checkpoints: int = bounds(ge=0, default=2)  # newest checkpoints kept; 0 = all
     nan_policy: Literal["stop", "skip"] = "stop"
     trackers: list[Literal["dvclive", "tensorboard"]] = field(default_factory=lambda: ["dvclive"])
 
@@ -120,10 +178,13 @@ class TrainSection:
         _exactly_one(self, where, "epochs", "steps")
         _exactly_one(self, where, "warmup_epochs", "warmup_steps")
         if self.global_batch % self.micro_batch:
-            raise RecipeError(f"{where}.global_batch ({self.global_batch}) must be a multiple of "
-                              f"{where}.micro_batch ({self.micro_batch})")
-        if self.micro_batch < 1 or self.global_batch < 1:
-            raise RecipeError(f"{where}: global_batch and micro_batch must be positive")
+            raise RecipeError(f"'{where}.global_batch' ({self.global_batch}) must be a multiple of "
+                              f"'{where}.micro_batch' ({self.micro_batch})")
+
+    @property
+    def freeze_bn_stats(self) -> bool:
+        """BN layers keep their running statistics (only fine-tuning can ask for it)."""
+        return False
 
 
 @dataclass(kw_only=True)
@@ -143,16 +204,20 @@ class FinetuneSection(TrainSection):
     model: FinetuneModelSection
     init: InitSection
 
+    @property
+    def freeze_bn_stats(self) -> bool:
+        return self.model.bn_stats == "freeze"
+
 
 @dataclass(kw_only=True)
 class EvaluateSection:
-    batch: int
-    num_workers: int
+    batch: int = bounds(ge=1)
+    num_workers: int = bounds(ge=0)
     weights: list[Literal["ema", "raw"]]    # evaluated when present in the checkpoint
-    test_res: Optional[int] = None         # null: the checkpoint's test resolution
-    crop_pct: Optional[float] = None       # null: the checkpoint's crop fraction
-    interpolation: Optional[str] = None    # null: the checkpoint's interpolation
-    calibration_bins: int = 15
+    test_res: Optional[int] = bounds(ge=16, default=None)  # null: the checkpoint's test resolution
+    crop_pct: Optional[float] = bounds(gt=0, le=1, default=None)  # null: the checkpoint's crop
+    interpolation: Optional[Literal["bilinear", "bicubic"]] = None  # null: the checkpoint's
+    calibration_bins: int = bounds(ge=1, default=15)
 
 
 @dataclass(kw_only=True)
@@ -180,14 +245,11 @@ class Recipe:
     publish: PublishSection
     source: str = field(default="", metadata={"internal": True})  # file it was loaded from
 
-    def check(self) -> None:
-        self.pretrain.check("pretrain")
-        self.finetune.check("finetune")
-
 
 def _exactly_one(obj: Any, where: str, a: str, b: str) -> None:
     if (getattr(obj, a) is None) == (getattr(obj, b) is None):
-        raise RecipeError(f"{where}: give exactly one of '{a}' and '{b}' (the other null or absent)")
+        raise RecipeError(f"'{where}': give exactly one of '{a}' and '{b}' (the other null or "
+                          f"absent)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,11 +334,29 @@ def _build(cls: type, data: dict, where: str, src: str) -> Any:
     kwargs = {}
     for name, f in declared.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name, src)
+            value = _convert(data[name], hints[name], prefix + name, src)
+            _check_range(value, f.metadata.get("range"), prefix + name, src)
+            kwargs[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{src}: missing key '{prefix}{name}' ({_type_name(hints[name])}); "
                               f"every recipe must set it")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            check(where)
+        except RecipeError as e:
+            raise RecipeError(f"{src}: {e}") from None
+    return obj
+
+
+def _check_range(value: Any, rng: Optional[Range], key: str, src: str) -> None:
+    if rng is None or value is None:
+        return
+    for i, v in enumerate(value if isinstance(value, list) else [value]):
+        if not rng.ok(v):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            raise RecipeError(f"{src}: '{where}' must be {rng.describe()}, got {v!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -327,10 +407,6 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         data = apply_overrides(data, overrides, src)
         src = f"{path} (with overrides {' '.join(overrides)})"
     recipe = _build(Recipe, data, "", src)
-    try:
-        recipe.check()
-    except RecipeError as e:
-        raise RecipeError(f"{src}: {e}") from None
     recipe.source = str(path)
     return recipe
 
@@ -343,23 +419,6 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file under a temporary name in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)        # mkstemp makes 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def resolved_text(recipe: Recipe, section: str, resolved: dict | None = None,

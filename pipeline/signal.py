@@ -36,7 +36,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from pipeline.recipe import atomic_write_text
+from pipeline.io import atomic_write_text
 
 _BN = nn.modules.batchnorm._BatchNorm
 

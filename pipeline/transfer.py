@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.data.manifest import sha256_file
+from pipeline.io import sha256_file
 from pipeline.recipe import FinetuneSection
 from pipeline.variants import set_stochastic_depth
 
@@ -44,36 +44,6 @@ class InitSource:
 # Where the weights come from
 # ------------------------------------------------------------------------------------------------
 
-def is_published(folder: str | Path) -> bool:
-    """A folder written by the publish stage (or downloaded from the Hub): one model.safetensors,
-    no ema.safetensors, and the publish stage's SHA256SUMS or model card next to it."""
-    folder = Path(folder)
-    return ((folder / "model.safetensors").is_file() and not (folder / "ema.safetensors").exists()
-            and ((folder / "SHA256SUMS").is_file() or (folder / "README.md").is_file()))
-
-
-def model_weights(folder: str | Path, weights: str) -> tuple[Path, str, Optional[str]]:
-    """(file, label, message) of the `ema` / `raw` weights of a model folder.
-
-    A published folder holds only the weights publish chose (EMA by default), so both `ema` and
-    `raw` resolve to its model.safetensors, labelled `published`, with a message saying so.
-    """
-    folder = Path(folder)
-    if is_published(folder):
-        return (folder / "model.safetensors", "published",
-                f"{folder} is a published folder: its model.safetensors are the published weights "
-                f"(publish.weights chose EMA or raw); using them for weights={weights}")
-    try:
-        return ckpt.weights_file(folder, weights), weights, None
-    except ckpt.CheckpointError as e:
-        if weights == "ema" and (folder / "model.safetensors").is_file():
-            raise ckpt.CheckpointError(f"{folder} has no EMA weights (ema.safetensors: the run "
-                                       f"had ema_decay null); use the raw ones with "
-                                       f"finetune.init.weights=raw") from None
-        raise ckpt.CheckpointError(f"{e}; expected a model folder of the pretrain / finetune "
-                                   f"stage or a published folder") from None
-
-
 def load_init(init: str, weights: str = "ema", seed: int = 0) -> InitSource:
     """The pretrained model named by `init` (see the module docstring for the forms)."""
     if init.startswith("none:"):
@@ -86,7 +56,7 @@ def load_init(init: str, weights: str = "ema", seed: int = 0) -> InitSource:
             f"'{init}' is not a folder. Give a model folder (runs/pretrain/model), a published "
             f"folder, timm:<architecture>=<weights.safetensors>, or none:<variant>")
     config = ckpt.read_model_config(folder)
-    path, label, message = model_weights(folder, weights)
+    path, label, message = ckpt.model_weights(folder, weights)
     state = load_file(str(path))
     _fill_num_classes(config, state)
     return InitSource(config, state, ckpt.fingerprint(str(folder), label, sha256_file(path)),
@@ -193,16 +163,7 @@ def build_finetune_model(src: InitSource, class_names: list[str], section: Finet
     else:
         messages.append(f"head kept ({head_prefix}): the target has the same {num_classes} classes"
                         + (f" {_short(old_names)}" if old_names else " (no class names to compare)"))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:                  # shape mismatches
-        raise ckpt.CheckpointError(f"the weights do not fit {config['architecture']} "
-                                   f"{config.get('model_args', {})}: {str(e)[:600]}") from None
-    missing = [k for k in missing if not k.startswith(head_prefix + ".")]
-    if missing or unexpected:
-        raise ckpt.CheckpointError(f"the weights do not fit {config['architecture']} "
-                                   f"{config.get('model_args', {})}: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]}")
+    ckpt.load_weights(model, state, src.weights_label, config, may_miss=head_prefix)
     frozen = freeze(model, section.init.freeze)
     if frozen:
         messages.append(f"frozen: {frozen:,} parameters under {', '.join(section.init.freeze)} "

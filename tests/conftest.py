@@ -1,8 +1,21 @@
-"""Shared fixtures: the demo digits as image folders and as real shards, built once per session."""
+"""Shared fixtures and the one subprocess helper every test uses to run real scripts.
+
+- `run(cmd, ...)`: any command, as a user would type it (captured, with a timeout; asserts the
+  exit code unless `check=False`).
+- `run_stage(stage, ...)`: `python stages/<stage>.py ...`.
+- `torchrun(nproc, script, ...)`: a real `torch.distributed.run --standalone` launch (gloo on CPU).
+- `copy_project(dst)`: a fresh clone-like copy of the project (tracked and unignored files,
+  committed to a new git repo), for `dvc repro` runs that must not touch the checkout.
+- fixtures: the demo digits as image folders and as real shards, built once per session.
+"""
+from __future__ import annotations
+
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import pytest
 
@@ -11,17 +24,57 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+GIT_ENV = {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
+           "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
-def run_stage(stage: str, *args: str, env: dict | None = None, timeout: int = 600,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """Run a real stage script in a subprocess, as a user would."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args],
-                       capture_output=True, text=True, timeout=timeout, env=full_env)
+
+def run(cmd: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[dict] = None,
+        timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with the test environment (+ `env`); on failure with `check`, the assertion
+    shows the command and the tails of both streams."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1", **GIT_ENV,
+                **(env or {})}
+    cmd = [str(c) for c in cmd]
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and p.returncode != 0:
-        raise AssertionError(f"stages/{stage}.py {' '.join(args)} failed ({p.returncode}):\n"
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n"
                              f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def run_stage(stage: str, *args: str, env: Optional[dict] = None, timeout: int = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run a real stage script in a subprocess, as a user would."""
+    return run([sys.executable, ROOT / "stages" / f"{stage}.py", *args], env=env,
+               timeout=timeout, check=check)
+
+
+def torchrun(nproc: int, script: str | Path, *args: str, env: Optional[dict] = None,
+             timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node N <script> ...`, one thread
+    per process (2 cores)."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = ROOT / script
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", script, *args],
+               env={**ONE_THREAD, **(env or {})}, timeout=timeout, check=check)
+
+
+def copy_project(dst: Path, skip: Sequence[str] = ()) -> Path:
+    """The project's tracked and unignored files (less paths starting with `skip`), copied to
+    `dst` and committed to a new git repo: what a fresh clone holds."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(tuple(skip)):
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    run(["git", "init", "-q"], cwd=dst)
+    run(["git", "add", "-A"], cwd=dst)
+    run(["git", "commit", "-qm", "copy"], cwd=dst)
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.data.manifest import read_manifest, sha256_file  # noqa: E402
+from pipeline.data.manifest import read_manifest  # noqa: E402
+from pipeline.io import sha256_file  # noqa: E402
 from pipeline.data.sources import FolderSplit, NameTable, Source, open_source  # noqa: E402
 from pipeline.data.writer import permutation, plan_split, verify  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402

@@ -18,14 +18,13 @@ every shard and the skipped-input count, and at the top the class names and the 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.recipe import atomic_write_text
+from pipeline.io import atomic_write_text
 
 MANIFEST_NAME = "_info.json"
 FORMAT = "nfnet-pipeline/shards/1"
@@ -109,11 +108,3 @@ def write_manifest(root: str | os.PathLike, info: dict[str, Any]) -> Path:
     path = manifest_path(root)
     atomic_write_text(path, json.dumps(info, indent=1, sort_keys=False) + "\n")
     return path
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -17,9 +17,8 @@ Where timm's defaults differ from DeepMind's training, and what we set:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import functools
+from typing import Optional
 
 import numpy as np
 import torch
@@ -53,24 +52,28 @@ def train_transform(res: int, augment: AugmentSection):
     )
 
 
-def eval_transform(res: int, crop_pct: float, interpolation: str = "bicubic",
-                   crop_mode: str = "squash"):
+def eval_transform(res: int | tuple[int, int], crop_pct: float, interpolation: str = "bicubic",
+                   crop_mode: str = "squash", mean: tuple = MEAN, std: tuple = STD):
+    """timm's eval transform (resize, centre crop) returning uint8 tensors: the one used by
+    evaluation, validation during training and the reports; `normalize` finishes it on the device."""
     return transforms_imagenet_eval(img_size=res, crop_pct=crop_pct, crop_mode=crop_mode,
-                                    interpolation=interpolation, mean=MEAN, std=STD,
+                                    interpolation=interpolation, mean=mean, std=std,
                                     use_prefetcher=True)
 
 
-@functools.lru_cache(maxsize=8)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # made once per device: no host-to-device copy in every training step
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
-            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+@functools.lru_cache(maxsize=16)
+def _mean_std(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device and statistics: no host-to-device copy in every step
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
 
-def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW batch (on its device) -> float, ImageNet mean/std normalised."""
-    mean, std = _mean_std(images.device)
-    x = images.float().sub_(mean).div_(std)
+def normalize(images: torch.Tensor, channels_last: bool = False, mean: tuple = MEAN,
+              std: tuple = STD) -> torch.Tensor:
+    """uint8 NCHW batch (on its device) -> float, normalised with `mean` / `std` (0..1 units).
+    The one normalisation of the project: training, evaluation and the reports use it."""
+    m, s = _mean_std(images.device, tuple(mean), tuple(std))
+    x = images.float().sub_(m).div_(s)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

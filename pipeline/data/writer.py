@@ -36,10 +36,11 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from pipeline.data.images import encode_image
-from pipeline.data.manifest import sha256_file, write_manifest, manifest_path
+from pipeline.data.manifest import manifest_path, write_manifest
 from pipeline.data.sources import Source
 from pipeline.data.verify import verify  # noqa: F401  (part of this module's interface)
-from pipeline.recipe import atomic_write_text, to_dict
+from pipeline.io import atomic_write_text, sha256_file
+from pipeline.recipe import ShardSection, to_dict
 
 KEYS = {"image": "jpg", "label": "cls", "meta": "json"}
 JOURNAL = "_progress.jsonl"
@@ -49,26 +50,6 @@ TAR_MTIME = 0                   # fixed: TarWriter stamps the current time other
 
 class ShardError(RuntimeError):
     """The shards cannot be written as asked; the message names the cause and the fix."""
-
-
-def check_section(section) -> None:
-    """Fail before any work on shard values that cannot work (the schema only checks types)."""
-    problems = []
-    if section.shard_size < 1:
-        problems.append(f"shard.shard_size={section.shard_size} must be >= 1")
-    if section.max_size is not None and section.max_size < 1:
-        problems.append(f"shard.max_size={section.max_size} must be >= 1 or null")
-    if not 1 <= section.jpeg_quality <= 100:
-        problems.append(f"shard.jpeg_quality={section.jpeg_quality} must be in 1..100")
-    if not 0.0 <= section.max_skipped_fraction <= 1.0:
-        problems.append(f"shard.max_skipped_fraction={section.max_skipped_fraction} must be in 0..1")
-    if not section.splits or len(set(section.splits)) != len(section.splits):
-        problems.append(f"shard.splits={section.splits} must name distinct splits")
-    bad = [s for s in section.splits if not s or not s.replace("_", "").replace("-", "").isalnum()]
-    if bad:
-        problems.append(f"shard.splits: {bad} must be letters, digits, '_' or '-' (they name files)")
-    if problems:
-        raise ShardError("; ".join(problems))
 
 
 def default_workers() -> int:
@@ -112,7 +93,7 @@ def permutation(n: int, seed: int, split: str) -> np.ndarray:
         return np.argsort(_mix64(np.arange(n, dtype=np.uint64) + key), kind="stable")
 
 
-def plan_split(source: Source, split: str, section) -> list[ShardPlan]:
+def plan_split(source: Source, split: str, section: ShardSection) -> list[ShardPlan]:
     """Seeded permutation cut into equal shards (sizes differ by at most one)."""
     src = source.splits[split]
     n = len(src)
@@ -230,11 +211,10 @@ class SplitStats:
         return self.processed / self.seconds if self.seconds else 0.0
 
 
-def write_shards(source: Source, out: str | os.PathLike, section, workers: int = 0,
+def write_shards(source: Source, out: str | os.PathLike, section: ShardSection, workers: int = 0,
                  progress: bool = True) -> dict[str, SplitStats]:
     """Shard every split of `source` into `out`; the manifest is written last, and only when every
     split stayed within shard.max_skipped_fraction (else ShardError, with the skip report written)."""
-    check_section(section)
     empty = [s for s in section.splits if not len(source.splits[s])]
     if empty:
         raise ShardError(f"split(s) {', '.join(empty)} of {source.location} hold no samples; "
@@ -371,7 +351,7 @@ def _remove_stale_tars(out: Path, records: dict[str, list[dict]]) -> None:
                 p.unlink()
 
 
-def _manifest(source: Source, section, records: dict[str, list[dict]], report: Path) -> dict:
+def _manifest(source: Source, section: ShardSection, records: dict[str, list[dict]], report: Path) -> dict:
     recipe = {k: v for k, v in to_dict(section).items() if k != "workers"}   # no effect on bytes
     splits = {}
     for split, recs in records.items():
