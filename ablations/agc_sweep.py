@@ -1,13 +1,13 @@
 r"""The AGC sweep: one pretrain run per (clip factor, global batch), then the table and the plot.
 
-    dvc repro ablations/dvc.yaml:agc                        # the demo sweep (ablations/params.yaml)
-    python ablations/agc_sweep.py --recipe recipes/demo.yaml --shards ablations/data/shards \
-        --runs ablations/runs/agc --out reports/agc --clip-factors 0.01 0.02 0.04 0.08 0.16 null \
-        --global-batches 16 64 256 -- pretrain.lr_base=0.8 pretrain.epochs=8   # tiny, CPU
     python ablations/agc_sweep.py --recipe recipes/f0.yaml --shards /data/shards/imagenet \
         --runs runs/agc-f0 --out reports/agc-f0 --global-batches 1024 2048 4096 \
         --launcher 'accelerate launch --multi_gpu --num_processes 8' \
         -- pretrain.epochs=90 pretrain.nan_policy=skip                       # full scale
+    python ablations/agc_sweep.py --recipe recipes/demo.yaml --shards ablations/data/shards \
+        --runs ablations/runs/agc --out reports/agc --clip-factors 0.01 0.02 0.04 0.08 0.16 null \
+        --global-batches 16 64 256 -- pretrain.lr_base=0.8 pretrain.epochs=8   # tiny, CPU
+    dvc repro ablations/dvc.yaml:agc                        # the demo sweep (ablations/params.yaml)
 
 Each cell runs the real pretrain stage (`--launcher` in front) with `pretrain.clip_factor` and
 `pretrain.global_batch` set, plus the trailing dotted overrides; the lr scales with the batch as
@@ -23,11 +23,19 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from pipeline.ablation.agc_sweep import (
+    cell_dir,
+    cell_overrides,
+    clip_label,
+    collect_agc,
+    parse_clip,
+    write_agc,
+)
+from pipeline.ablation.runs import run_pretrain
+from pipeline.recipe import RecipeError, load_recipe
 
-from pipeline.ablation import (cell_dir, cell_overrides, clip_label, collect_agc,  # noqa: E402
-                               parse_clip, run_pretrain, write_agc)
-from pipeline.recipe import RecipeError, load_recipe  # noqa: E402
+# the script knows the repository's layout; the library is told where the stage is
+PRETRAIN = Path(__file__).resolve().parents[1] / "stages" / "pretrain.py"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", required=True, help="shard folder with train and val splits")
     ap.add_argument("--runs", type=Path, required=True, help="one run folder per cell goes here")
     ap.add_argument("--out", type=Path, required=True, help="report folder")
-    ap.add_argument("--clip-factors", nargs="+", default=["0.01", "0.02", "0.04", "0.08", "0.16", "null"])
+    ap.add_argument("--clip-factors", nargs="+",
+                    default=["0.01", "0.02", "0.04", "0.08", "0.16", "null"])
     ap.add_argument("--global-batches", nargs="+", type=int, required=True)
     ap.add_argument("--launcher", default="python", help="what runs stages/pretrain.py")
     ap.add_argument("--no-run", action="store_true", help="only collect the runs under --runs")
@@ -56,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_run:
         for clip, batch in cells:
-            run_pretrain(args.launcher, args.recipe, args.shards, cell_dir(args.runs, clip, batch),
+            run_pretrain(args.launcher, PRETRAIN, args.recipe, args.shards,
+                         cell_dir(args.runs, clip, batch),
                          cell_overrides(clip, batch, args.overrides))
     runs = [cell_dir(args.runs, c, b) for c, b in cells]
     found = [r for r in runs if (r / "recipe.resolved.yaml").is_file()]

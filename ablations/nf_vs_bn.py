@@ -1,13 +1,13 @@
 r"""NF vs BN at equal budget: pretrain each recipe, then accuracy, gaps, time and memory.
 
-    dvc repro ablations/dvc.yaml:compare                    # the demo comparison (CPU)
-    python ablations/nf_vs_bn.py --recipes recipes/demo.yaml recipes/demo_bn.yaml \
-        --shards ablations/data/shards --runs ablations/runs/compare --out reports/nf_vs_bn \
-        pretrain.eval_every=0                                                # tiny, CPU
     python ablations/nf_vs_bn.py --recipes recipes/f0.yaml recipes/resnet50.yaml \
         --shards /data/shards/imagenet --runs runs/compare --out reports/nf_vs_bn-f0 \
         --launcher 'accelerate launch --multi_gpu --num_processes 8' --timing-repeats 0 \
         pretrain.epochs=90                                                   # full scale
+    python ablations/nf_vs_bn.py --recipes recipes/demo.yaml recipes/demo_bn.yaml \
+        --shards ablations/data/shards --runs ablations/runs/compare --out reports/nf_vs_bn \
+        pretrain.eval_every=0                                                # tiny, CPU
+    dvc repro ablations/dvc.yaml:compare                    # the demo comparison (CPU)
 
 Each recipe is pretrained by the real pretrain stage into <runs>/<recipe name> (kept when a
 finished run with the same settings is there; `--no-run` only measures). Then, besides each run's
@@ -23,10 +23,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+from pipeline.ablation.nf_vs_bn import COMPARE_FIELDS, compare, write_compare
+from pipeline.ablation.runs import run_pretrain
+from pipeline.recipe import RecipeError, load_recipe
 
-from pipeline.ablation import COMPARE_FIELDS, compare, run_pretrain, write_compare  # noqa: E402
-from pipeline.recipe import RecipeError, load_recipe  # noqa: E402
+# the script knows the repository's layout; the library is told where the stage is
+PRETRAIN = Path(__file__).resolve().parents[1] / "stages" / "pretrain.py"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs = [args.runs / n for n in names]
-    for recipe, run in zip(args.recipes, runs):
+    for recipe, run in zip(args.recipes, runs, strict=True):
         if not args.no_run:
-            run_pretrain(args.launcher, recipe, args.shards, run, list(args.overrides))
+            run_pretrain(args.launcher, PRETRAIN, recipe, args.shards, run, list(args.overrides))
         if not (run / "model" / "config.json").is_file():
             print(f"error: {run} has no model/ (its pretrain run did not finish)", file=sys.stderr)
             return 1

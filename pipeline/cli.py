@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -12,16 +11,18 @@ from pipeline.io import sha256_file
 from pipeline.recipe import Recipe, RecipeError, TrainSection, load_recipe
 
 
-def stage_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser with `--recipe` and trailing `section.key=value` overrides."""
+def stage_parser(doc: str, recipe_required: bool = True) -> argparse.ArgumentParser:
+    """A parser with `--recipe` and trailing `section.key=value` overrides; the stage's docstring
+    is its description."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/demo.yaml")
+    ap.add_argument("--recipe", required=recipe_required, help="recipe YAML, e.g. recipes/demo.yaml")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value",
                     help="override recipe keys, e.g. pretrain.epochs=2 (values read as YAML)")
     return ap
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: <message>` to stderr and exit with `code` (2: bad input, before any work)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -46,12 +47,8 @@ def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
                     help="print the resolved plan and exit (no training, shards optional)")
     ap.add_argument("--log-samples", type=Path, metavar="DIR",
                     help="write the sample keys each process trains on to DIR/rank<N>.jsonl (audits)")
-    ap.add_argument("--processes", type=int, default=launch_processes(),
+    ap.add_argument("--processes", type=int, default=None,
                     help="processes to plan for with --dry-run (default: this launch)")
-
-
-def launch_processes() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def training_data(args: argparse.Namespace, section: TrainSection, stage: str
@@ -79,23 +76,27 @@ def data_lineage(args: argparse.Namespace) -> dict:
 
 
 def train_and_finish(job) -> int:
-    """Run a training job (pipeline.train) and write its metrics; a NaN loss exits with 1."""
+    """Run a training job (pipeline.train: checkpoints, model folder, metrics.json); a NaN loss
+    exits with 1."""
     from pipeline import train
     try:
-        result = train.run(job)
+        train.run(job)
     except train.NonFiniteLoss as e:
         fail(str(e), code=1)
-    train.finish(result, job)
     return 0
 
 
 def plan_or_exit(args: argparse.Namespace, section: TrainSection, stage: str, num_samples: int,
                  model, config: dict):
     """The run's plan; with --dry-run, print it and exit 0. A plan that cannot work exits 2."""
+    # here, not at the top: the shard stage uses this module and must not pay for importing torch
+    from pipeline import runtime
     from pipeline.plan import dry_run_report, make_plan
+    processes = args.processes if args.dry_run and args.processes else runtime.num_processes()
+    if processes < 1:
+        fail(f"--processes {processes}: give a positive number of processes")
     try:
-        plan = make_plan(section, num_samples,
-                         args.processes if args.dry_run else launch_processes())
+        plan = make_plan(section, num_samples, processes)
     except ValueError as e:
         fail(f"{args.recipe}: {stage}: {e}")
     if args.dry_run:

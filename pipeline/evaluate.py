@@ -11,6 +11,7 @@ mean / std: the same numbers `timm.data.resolve_data_config(..., use_test_size=T
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -198,21 +199,33 @@ def load_models(folder, wanted: list[str], device: torch.device | str = "cpu"
 def validate(models: dict[str, nn.Module], split: SplitInfo, config: dict[str, Any], *,
              batch: int, workers: int, device: torch.device, rank: int = 0, world: int = 1,
              autocast: Optional[Any] = None, bins: int = 15, test_res: Optional[int] = None,
-             crop_pct: Optional[float] = None, interpolation: Optional[str] = None
-             ) -> dict[str, dict[str, Any]]:
+             crop_pct: Optional[float] = None, interpolation: Optional[str] = None,
+             compile: bool = False) -> dict[str, dict[str, Any]]:
     """Metrics per named model (e.g. {"ema": ..., "raw": ...}) at the config's test settings
-    (`test_res`, `crop_pct`, `interpolation` override them). Call on every process."""
+    (`test_res`, `crop_pct`, `interpolation` override them). Call on every process. `compile`:
+    predict through torch.compile (each model compiled once per process, then reused)."""
     settings = eval_settings(config, test_res, crop_pct, interpolation)
     transform = settings.transform()
     out = {}
     for name, model in models.items():
-        preds = predict(model, split, transform, batch=batch, workers=workers, device=device,
+        preds = predict(compiled(model) if compile else model, split, transform, batch=batch, workers=workers, device=device,
                         rank=rank, world=world, autocast=autocast, mean=settings.mean,
                         std=settings.std)
         out[name] = compute_metrics(preds, class_names_of(config), bins)
         out[name].update(test_res=settings.res, crop_pct=settings.crop_pct,
                          crop_mode=settings.crop_mode, interpolation=settings.interpolation)
     return out
+
+
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """`torch.compile(model)`, made once per model object (validation during training calls this
+    at every point: the compiled wrapper and its graphs are reused)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model)
+    return _COMPILED[model]
 
 
 def write_plots(folder, result: dict[str, Any], class_names: list[str]) -> None:

@@ -104,8 +104,8 @@ def describe(plan: Plan, section: TrainSection, model: nn.Module, config: dict[s
         "ema_decay": section.ema_decay,
         "sam": (f"rho {section.sam_rho}: 2 forward-backward passes per step (2x compute)"
                 if section.sam_rho else "off"),
-        "drop_rate": getattr(section.model, "drop_rate", None),
-        "drop_path_rate": getattr(section.model, "drop_path_rate", None),
+        "drop_rate": section.model.drop_rate,
+        "drop_path_rate": section.model.drop_path_rate,
         "total_train_pflops": round(flops * passes * plan.total_steps * plan.global_batch / 1e15, 3),
     }
 

@@ -218,6 +218,7 @@ class EvaluateSection:
     crop_pct: Optional[float] = bounds(gt=0, le=1, default=None)  # null: the checkpoint's crop
     interpolation: Optional[Literal["bilinear", "bicubic"]] = None  # null: the checkpoint's
     calibration_bins: int = bounds(ge=1, default=15)
+    compile: bool = False                  # torch.compile the model for the forward passes
 
 
 @dataclass(kw_only=True)

@@ -225,6 +225,33 @@ def _short(names: list[str], k: int = 5) -> str:
     return "[" + ", ".join(names[:k]) + (", ..." if len(names) > k else "") + "]"
 
 
+def resolution_note(init_config: dict[str, Any], section: FinetuneSection) -> Optional[str]:
+    """What fine-tuning does to the resolution, for the log (None when the init does not say
+    what it was trained at)."""
+    before = pretrain_res(init_config)
+    if before is None:
+        return None
+    return (f"resolution: pretrained at {before} px -> fine-tuning at {section.train_res} px, "
+            f"testing at {section.test_res} px"
+            + ("" if section.train_res > before else
+               " (not above the pretraining resolution: the paper's transfer raises it)"))
+
+
+def finetune_lineage(init_config: dict[str, Any], init: str, weights_label: str,
+                     recipe_name: str) -> dict[str, Any]:
+    """The `nfnet_pipeline` block of the fine-tuned model's config.json: the init's lineage (its
+    variant, width, data) plus where fine-tuning started from. The init's own step, stage and
+    fingerprint are dropped: the engine writes the fine-tuning run's."""
+    lineage = {**init_config.get("nfnet_pipeline", {}), "init": init,
+               "init_weights": weights_label, "recipe": recipe_name}
+    for k in ("step", "stage", "fingerprint"):
+        lineage.pop(k, None)
+    before = pretrain_res(init_config)
+    if before is not None:
+        lineage["init_res"] = before
+    return lineage
+
+
 def init_crop_mode(config: dict[str, Any]) -> str:
     """Evaluate as the pretrained model was: its crop mode, else its variant's (NFNets: squash)."""
     from pipeline.variants import VARIANTS

@@ -23,16 +23,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-
-from pipeline import checkpoint as ckpt  # noqa: E402
-from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
-from pipeline.data.manifest import ManifestError, load_split  # noqa: E402
-from pipeline.evaluate import class_names_of, load_models, validate, write_plots  # noqa: E402
-from pipeline.recipe import atomic_write_text, write_resolved  # noqa: E402
+from pipeline import checkpoint as ckpt
+from pipeline import runtime
+from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.data.manifest import ManifestError, load_split
+from pipeline.evaluate import class_names_of, load_models, validate, write_plots
+from pipeline.io import atomic_write_text
+from pipeline.recipe import write_resolved
 
 SUMMARY = ("top1", "top5", "nll", "ece", "img_per_s", "forward_img_per_s")
 
@@ -63,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"the shards have {split.num_classes} classes, the model {len(names)}: evaluate on "
              f"the label set the model was trained on")
 
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    acc = runtime.make_accelerator("auto")
     try:
         models, config, messages = load_models(args.model, section.weights, acc.device)
     except ckpt.CheckpointError as e:
@@ -79,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                            rank=acc.process_index, world=acc.num_processes,
                            autocast=acc.autocast, bins=section.calibration_bins,
                            test_res=section.test_res, crop_pct=section.crop_pct,
-                           interpolation=section.interpolation)
+                           interpolation=section.interpolation, compile=section.compile)
     except (ValueError, RuntimeError) as e:
         fail(f"{args.model} on {args.shards} ({args.split}): {e}")
     if acc.is_main_process:

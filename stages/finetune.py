@@ -21,18 +21,15 @@ crop and interpolation to the evaluate stage), checkpoints/, metrics.json, recip
 """
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from pipeline import checkpoint as ckpt  # noqa: E402
-from pipeline import train  # noqa: E402
-from pipeline.cli import (add_training_args, data_lineage, fail, plan_or_exit,  # noqa: E402
-                          load_recipe_or_exit, stage_parser, train_and_finish, training_data)
-from pipeline.recipe import write_resolved  # noqa: E402
-from pipeline.transfer import build_finetune_model, init_crop_mode, load_init, pretrain_res  # noqa: E402
+from pipeline import checkpoint as ckpt
+from pipeline import runtime, train
+from pipeline.cli import (add_training_args, data_lineage, fail, load_recipe_or_exit, plan_or_exit,
+                          stage_parser, train_and_finish, training_data)
+from pipeline.recipe import write_resolved
+from pipeline.transfer import (build_finetune_model, finetune_lineage, init_crop_mode, load_init,
+                               resolution_note)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,25 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ckpt.CheckpointError, KeyError, ValueError) as e:
         fail(f"--init {args.init}: {e}")
     init_config = src.config
-    before = pretrain_res(init_config)
-    if before is not None:
-        messages.append(f"resolution: pretrained at {before} px -> fine-tuning at "
-                        f"{section.train_res} px, testing at {section.test_res} px"
-                        + ("" if section.train_res > before else
-                           " (not above the pretraining resolution: the paper's transfer raises it)"))
-    crop_mode = init_crop_mode(init_config)
-    lineage = {**init_config.get("nfnet_pipeline", {}), "init": args.init,
-               "init_weights": src.weights_label, "recipe": recipe.name}
-    for k in ("step", "stage", "fingerprint"):      # the init's own; the engine writes ours
-        lineage.pop(k, None)
-    if before is not None:
-        lineage["init_res"] = before
+    note = resolution_note(init_config, section)
+    messages += [note] if note else []
+    lineage = finetune_lineage(init_config, args.init, src.weights_label, recipe.name)
     config = ckpt.model_config(model, init_config["architecture"], init_config.get("model_args", {}),
                                class_names, section.train_res, section.test_res, section.crop_pct,
-                               section.augment.interpolation, lineage, crop_mode)
+                               section.augment.interpolation, lineage,
+                               init_crop_mode(init_config))
     plan = plan_or_exit(args, section, "finetune", num_samples, model, config)
 
-    if int(os.environ.get("RANK", 0)) == 0:
+    if runtime.is_main_process():
         for m in messages:
             print(f"[finetune] {m}")
     write_resolved(recipe, "finetune", args.out,

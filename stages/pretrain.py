@@ -13,16 +13,13 @@ Reads `<shards>/_info.json` and its `train` (and, if present, `val`) split. Writ
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from pipeline import checkpoint as ckpt  # noqa: E402
-from pipeline import train  # noqa: E402
-from pipeline.cli import (add_training_args, data_lineage, fail, plan_or_exit,  # noqa: E402
-                          load_recipe_or_exit, stage_parser, train_and_finish, training_data)
-from pipeline.recipe import write_resolved  # noqa: E402
-from pipeline.variants import build_model, get_variant  # noqa: E402
+from pipeline import checkpoint as ckpt
+from pipeline import train
+from pipeline.cli import (add_training_args, data_lineage, fail, load_recipe_or_exit, plan_or_exit,
+                          stage_parser, train_and_finish, training_data)
+from pipeline.recipe import write_resolved
+from pipeline.variants import build_model, get_variant
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,77 +27,36 @@ Exit codes:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from pipeline import checkpoint as ckpt  # noqa: E402
-from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
-from pipeline.hub import PublishError, export_folder, lineage_recipes, metrics_for, push  # noqa: E402
-from pipeline.recipe import resolved_text  # noqa: E402
+from pipeline import checkpoint as ckpt
+from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.export import PublishError, export_folder, metrics_for
+from pipeline.hub import push
+from pipeline.lineage import evaluation_notes, lineage_recipes, missing_recipe_notes
+from pipeline.recipe import PublishSection, resolved_text
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = stage_parser(__doc__)
-    ap.add_argument("--model", type=Path, required=True, help="model folder (runs/finetune/model)")
-    ap.add_argument("--metrics", type=Path, help="the evaluate stage's metrics.json")
-    ap.add_argument("--out", type=Path, required=True, help="folder to write (the local hub copy)")
-    ap.add_argument("--pretrain-recipe", type=Path,
-                    help="the pre-training run's recipe.resolved.yaml (default: found from the "
-                         "model's init link)")
-    ap.add_argument("--repo", help="Hub model repo org/name to push to (default: publish.repo)")
-    ap.add_argument("--private", action="store_true", default=None,
-                    help="create the repo private (default: publish.private; an existing repo keeps "
-                         "its visibility)")
-    ap.add_argument("--revision", help="branch to push to (default: publish.revision, else main)")
-    ap.add_argument("--commit-message", help="commit message (default: publish.commit_message)")
-    ap.add_argument("--force", action="store_true",
-                    help="replace a different model at --out / --repo")
-    ap.add_argument("--no-metrics-ok", action="store_true",
-                    help="publish without evaluation metrics (publish.require_metrics=false too)")
-    args = ap.parse_intermixed_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.publish
     repo = args.repo or section.repo
     if repo is not None and (repo.count("/") != 1 or not all(repo.split("/"))):
         fail(f"--repo {repo}: write the Hub model repo as org/name")
-
-    metrics = None
-    if args.metrics is not None:
-        if not args.metrics.is_file():
-            fail(f"--metrics {args.metrics} not found: run the evaluate stage first")
-        try:
-            metrics = metrics_for(json.loads(args.metrics.read_text()), section.weights,
-                                  args.metrics)
-        except (json.JSONDecodeError, PublishError) as e:
-            fail(f"--metrics {args.metrics}: {e}")
-    elif section.require_metrics and not args.no_metrics_ok:
-        fail("no evaluation metrics: pass --metrics runs/evaluate/metrics.json (run the evaluate "
-             "stage first), or --no-metrics-ok to publish without them")
-
+    metrics = _metrics(args, section)
     try:
         config = ckpt.read_model_config(args.model)
     except ckpt.CheckpointError as e:
         fail(str(e))
-    recipe_files = lineage_recipes(args.model, config)
-    if args.pretrain_recipe is not None:
-        if not args.pretrain_recipe.is_file():
-            fail(f"--pretrain-recipe {args.pretrain_recipe} not found")
-        recipe_files["pretrain"] = args.pretrain_recipe
-    init = str(config.get("nfnet_pipeline", {}).get("init") or "")
-    for stage in ("pretrain", "finetune"):
-        if stage not in recipe_files and not (stage == "pretrain" and init.startswith(("none:", "timm:"))):
-            print(f"[publish] note: no {stage} recipe.resolved.yaml found from {args.model}; the "
-                  f"card will not describe that run" + (" (pass --pretrain-recipe)"
-                                                        if stage == "pretrain" else ""))
-    for key, flag in (("test_res", "test_input_size"), ("crop_pct", "test_crop_pct")):
-        ours = config.get("pretrained_cfg", {}).get(flag)
-        ours = ours[-1] if isinstance(ours, list) else ours
-        if metrics and key in metrics and ours is not None and metrics[key] != ours:
-            print(f"[publish] note: evaluated with {key}={metrics[key]} (the model folder says "
-                  f"{ours}); config.json records the evaluated setting")
+    recipe_files = _recipe_files(args, config)
+    for note in (missing_recipe_notes(args.model, config, recipe_files)
+                 + evaluation_notes(config, metrics)):
+        print(f"[publish] note: {note}")
 
     resolved = {"model": str(args.model), "metrics": str(args.metrics) if args.metrics else None,
                 "recipes": {k: str(v) for k, v in recipe_files.items()}, "repo": repo}
@@ -109,18 +68,68 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     print(f"[publish] wrote {folder} ({section.weights} weights; load it with "
           f"timm.create_model('local-dir:{folder}', pretrained=True))")
+    return _push(args, section, folder, repo) if repo else 0
 
-    if repo:
-        private = section.private if args.private is None else args.private
-        revision = args.revision or section.revision
+
+def _parser() -> argparse.ArgumentParser:
+    ap = stage_parser(__doc__)
+    ap.add_argument("--model", type=Path, required=True, help="model folder (runs/finetune/model)")
+    ap.add_argument("--metrics", type=Path, help="the evaluate stage's metrics.json")
+    ap.add_argument("--out", type=Path, required=True, help="folder to write (the local hub copy)")
+    ap.add_argument("--pretrain-recipe", type=Path,
+                    help="the pre-training run's recipe.resolved.yaml (default: found from the "
+                         "model's init link)")
+    ap.add_argument("--repo", help="Hub model repo org/name to push to (default: publish.repo)")
+    ap.add_argument("--private", action="store_true", default=None,
+                    help="create the repo private (default: publish.private; an existing repo "
+                         "keeps its visibility)")
+    ap.add_argument("--revision", help="branch to push to (default: publish.revision, else main)")
+    ap.add_argument("--commit-message", help="commit message (default: publish.commit_message)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a different model at --out / --repo")
+    ap.add_argument("--no-metrics-ok", action="store_true",
+                    help="publish without evaluation metrics (publish.require_metrics=false too)")
+    return ap
+
+
+def _metrics(args: argparse.Namespace, section: PublishSection) -> dict[str, Any] | None:
+    """The evaluate stage's figures for the weights being published; exits 2 when there are none
+    and the recipe requires them."""
+    if args.metrics is not None:
+        if not args.metrics.is_file():
+            fail(f"--metrics {args.metrics} not found: run the evaluate stage first")
         try:
-            url = push(folder, repo, private=private, revision=revision, force=args.force,
-                       commit_message=args.commit_message or section.commit_message)
-        except PublishError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
-        print(f"[publish] pushed {folder} to {repo}" + (f"@{revision}" if revision else "")
-              + f": {url}")
+            return metrics_for(json.loads(args.metrics.read_text()), section.weights, args.metrics)
+        except (json.JSONDecodeError, PublishError) as e:
+            fail(f"--metrics {args.metrics}: {e}")
+    if section.require_metrics and not args.no_metrics_ok:
+        fail("no evaluation metrics: pass --metrics runs/evaluate/metrics.json (run the evaluate "
+             "stage first), or --no-metrics-ok to publish without them")
+    return None
+
+
+def _recipe_files(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Path]:
+    """The runs' resolved recipes found from the model folder, or named by --pretrain-recipe."""
+    recipe_files = lineage_recipes(args.model, config)
+    if args.pretrain_recipe is not None:
+        if not args.pretrain_recipe.is_file():
+            fail(f"--pretrain-recipe {args.pretrain_recipe} not found")
+        recipe_files["pretrain"] = args.pretrain_recipe
+    return recipe_files
+
+
+def _push(args: argparse.Namespace, section: PublishSection, folder: Path, repo: str) -> int:
+    """Push the complete folder; a refusal or no Hub returns its exit code (2, 3 or 4)."""
+    private = section.private if args.private is None else args.private
+    revision = args.revision or section.revision
+    try:
+        url = push(folder, repo, private=private, revision=revision, force=args.force,
+                   commit_message=args.commit_message or section.commit_message)
+    except PublishError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"[publish] pushed {folder} to {repo}" + (f"@{revision}" if revision else "")
+          + f": {url}")
     return 0
 
 

@@ -1,9 +1,9 @@
 r"""Shard a labelled image dataset into deterministic, verified webdataset tars.
 
     python stages/shard.py --recipe recipes/f0.yaml --source /data/imagenet \
-        --out /data/shards/imagenet --verify                      # full scale: ImageNet-1k, all cores
+        --out /data/shards/imagenet --verify                    # full scale: ImageNet-1k, all cores
     python stages/shard.py --recipe recipes/demo.yaml --source data/demo/raw/pretrain \
-        --out data/shards/pretrain --workers 2                    # tiny, CPU, a few seconds
+        --out data/shards/pretrain --workers 2                  # tiny, CPU, a few seconds
     python stages/shard.py --verify --out data/shards/pretrain    # only check existing shards
 
 --source is one of:
@@ -15,8 +15,9 @@ r"""Shard a labelled image dataset into deterministic, verified webdataset tars.
 
 Writes <out>/<split>-NNNNNN.tar, <out>/_info.json (the manifest, timm-compatible, written last),
 <out>/_skipped.json (unreadable inputs and why), <out>/_progress.jsonl (what a re-run reuses) and
-<out>/recipe.resolved.yaml. Re-running after a kill reuses every finished shard whose sha256 matches.
-Dotted overrides follow the options, e.g. `shard.shard_size=512 shard.max_size=256`.
+<out>/recipe.resolved.yaml. Re-running after a kill reuses every finished shard whose sha256
+matches. --out must lie outside the source tree. Dotted overrides may go before or after the
+options, e.g. `shard.shard_size=512 shard.max_size=256`.
 Exit codes: 0 ok, 1 shards failed (too many unreadable images) or --verify found problems,
 2 bad recipe, source or arguments.
 """
@@ -27,67 +28,44 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from pipeline.data.manifest import ManifestError  # noqa: E402
-from pipeline.data.sources import SourceError, open_source  # noqa: E402
-from pipeline.data.writer import (ShardError, check_section, default_workers, verify,  # noqa: E402
-                                  write_shards)
-from pipeline.recipe import RecipeError, load_recipe, write_resolved  # noqa: E402
+from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.data.manifest import ManifestError
+from pipeline.data.source import Source, SourceError
+from pipeline.data.sources import open_source
+from pipeline.data.verify import verify
+from pipeline.data.writer import ShardError, SplitStats, default_workers, write_shards
+from pipeline.recipe import ShardSection, write_resolved
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="stages/shard.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", type=Path, help="recipe YAML (its shard: section is used)")
-    ap.add_argument("--source", help="images to shard (see above)")
+    ap = stage_parser(__doc__, recipe_required=False)
+    ap.add_argument("--source", help="images to shard (see above); needs --recipe")
     ap.add_argument("--out", type=Path, required=True, help="output folder for the shards")
     ap.add_argument("--workers", type=int, default=None,
                     help="processes (default: shard.workers, 0 = all cores)")
     ap.add_argument("--verify", action="store_true",
                     help="check every shard against the manifest afterwards (alone: only check)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    ap.add_argument("overrides", nargs="*", metavar="section.key=value",
-                    help="recipe overrides, e.g. shard.shard_size=512")
     return ap
 
 
-def _err(msg: str, code: int) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    # Intermixed: options may follow the dotted overrides, as in the other stages.
+    args = _parser().parse_intermixed_args(argv)
     if args.source is None:
         if not args.verify:
-            return _err("give --source to shard (or --verify alone to check --out)", 2)
+            fail("give --source to shard (or --verify alone to check --out)")
         return _verify(args.out)
     if args.recipe is None:
-        return _err("--recipe is required with --source", 2)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        check_section(recipe.shard)
-    except (RecipeError, ShardError) as e:
-        return _err(str(e), 2)
+        fail("--recipe is required with --source")
+    recipe = load_recipe_or_exit(args.recipe, args.overrides)
     section = recipe.shard
     workers = args.workers if args.workers is not None else section.workers
     if workers < 0:
-        return _err(f"--workers {workers}: give a number of processes, or 0 for all cores", 2)
+        fail(f"--workers {workers}: give a number of processes, or 0 for all cores")
     workers = workers or default_workers()
 
-    t0 = time.perf_counter()
-    try:
-        source = open_source(args.source, section, out=args.out)
-    except SourceError as e:
-        return _err(str(e), 2)
-    sizes = ", ".join(f"{s}: {len(v)}" for s, v in source.splits.items())
-    print(f"source {args.source} ({source.kind}): {len(source.class_names)} classes; {sizes} "
-          f"images; listed in {time.perf_counter() - t0:.1f}s")
-    if source.ignored:
-        shown = ", ".join(source.ignored_examples[:5])
-        print(f"ignored {source.ignored} non-image files (e.g. {shown})")
-
+    source = _open(args.source, section, args.out)
     write_resolved(recipe, "shard", args.out, overrides=args.overrides, resolved={
         "workers": workers, "source": args.source, "source_kind": source.kind,
         "num_classes": len(source.class_names),
@@ -95,25 +73,47 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stats = write_shards(source, args.out, section, workers=workers, progress=not args.quiet)
     except ShardError as e:
-        return _err(str(e), 1)
-    for split, st in stats.items():
-        rate = f"{st.images_per_s:.0f} img/s with {workers} workers" if st.processed else "all reused"
-        print(f"{split}: {st.samples} samples in {st.shards} shards ({st.reused} reused), "
-              f"{st.skipped} skipped, {st.seconds:.1f}s, {rate}")
+        fail(str(e), 1)
+    _print_stats(stats, workers)
     print(f"wrote {args.out / '_info.json'}")
     return _verify(args.out) if args.verify else 0
 
 
+def _open(spec: str, section: ShardSection, out: Path) -> Source:
+    """The source, listed and checked (exit 2 on a bad one); prints what was found."""
+    t0 = time.perf_counter()
+    try:
+        source = open_source(spec, section, out=out)
+    except SourceError as e:
+        fail(str(e))
+    sizes = ", ".join(f"{s}: {len(v)}" for s, v in source.splits.items())
+    print(f"source {spec} ({source.kind}): {len(source.class_names)} classes; {sizes} "
+          f"images; listed in {time.perf_counter() - t0:.1f}s")
+    if source.ignored:
+        shown = ", ".join(source.ignored_examples[:5])
+        print(f"ignored {source.ignored} non-image files (e.g. {shown})")
+    return source
+
+
+def _print_stats(stats: dict[str, SplitStats], workers: int) -> None:
+    for split, st in stats.items():
+        rate = (f"{st.images_per_s:.0f} img/s with {workers} workers" if st.processed
+                else "all reused")
+        print(f"{split}: {st.samples} samples in {st.shards} shards ({st.reused} reused), "
+              f"{st.skipped} skipped, {st.seconds:.1f}s, {rate}")
+
+
 def _verify(out: Path) -> int:
+    """Check every shard in `out` against its manifest: 0 when all match, else exit 1."""
     try:
         problems = verify(out)
     except ManifestError as e:
-        return _err(str(e), 1)
+        fail(str(e), 1)
     for p in problems:
         print(f"verify: {p}", file=sys.stderr)
     if problems:
-        return _err(f"{len(problems)} problems in {out}; re-run the shard stage to rewrite the "
-                    f"damaged shards", 1)
+        fail(f"{len(problems)} problems in {out}; re-run the shard stage to rewrite the damaged "
+             f"shards", 1)
     print(f"verify: every shard in {out} matches its manifest")
     return 0
 

@@ -1,6 +1,4 @@
 r"""Signal propagation report: block-output statistics of a model at initialisation, NF vs BN.
-(Not `stages/signal.py`: Python puts stages/ first on every stage script's path, and a file named
-signal.py there would shadow the standard library's `signal` for all of them.)
 
     python stages/signal_report.py --recipe recipes/f0.yaml --baseline recipes/resnet50.yaml \
         --shards /data/shards/imagenet --out reports/signal-f0 --images 64     # full scale
@@ -15,21 +13,22 @@ real images with the residual branches on (NF skip gains / last BN gamma set to 
 paper's analysis; as built they are zero and blocks start as identities), the same as built, and
 N(0,1) inputs with branches on (the idealised input of the NF design). Dotted overrides apply to
 --recipe. Writes <out>/signal.json, signal.csv, signal.png and recipe.resolved.yaml.
+
+(Not `stages/signal.py`: Python puts stages/ first on every stage script's path, and a file named
+signal.py there would shadow the standard library's `signal` for all of them.)
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.cli import fail, load_recipe_or_exit, stage_parser  # noqa: E402
-from pipeline.data.manifest import ManifestError, read_manifest  # noqa: E402
-from pipeline.recipe import RecipeError, load_recipe, write_resolved  # noqa: E402
-from pipeline.signal import gaussian_like, image_batch, measure, summarise, write_report  # noqa: E402
-from pipeline.variants import build_model, get_variant  # noqa: E402
+from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.data.manifest import ManifestError, read_manifest
+from pipeline.recipe import RecipeError, load_recipe, write_resolved
+from pipeline.signal import gaussian_like, image_batch, measure, summarise, write_report
+from pipeline.variants import build_model, get_variant
 
 
 def _curves(recipe, shards: Path, split: str, count: int, num_classes: int, device: str):
@@ -52,9 +51,11 @@ def _curves(recipe, shards: Path, split: str, count: int, num_classes: int, devi
 
 def main(argv: list[str] | None = None) -> int:
     ap = stage_parser(__doc__)
-    ap.add_argument("--baseline", help="a second recipe drawn beside the first (e.g. the BN baseline)")
+    ap.add_argument("--baseline",
+                    help="a second recipe drawn beside the first (e.g. the BN baseline)")
     ap.add_argument("--shards", type=Path, required=True, help="shard folder with _info.json")
-    ap.add_argument("--split", default="train", help="split to take the images from (default: train)")
+    ap.add_argument("--split", default="train",
+                    help="split to take the images from (default: train)")
     ap.add_argument("--images", type=int, default=64, help="batch size of the probe (default: 64)")
     ap.add_argument("--out", type=Path, default=Path("reports/signal"), help="output folder")
     args = ap.parse_intermixed_args(argv)
@@ -86,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         c, facts = _curves(r, args.shards, args.split, args.images, num_classes, device)
         curves += c
         models.append({"recipe": r.source, **facts})
-    title = ("Signal propagation at initialisation: "
-             + " vs ".join(f"{m['variant']} ({m['images']} images at {m['res']} px)" for m in models))
+    title = "Signal propagation at initialisation: " + " vs ".join(
+        f"{m['variant']} ({m['images']} images at {m['res']} px)" for m in models)
     meta = {"title": title, "shards": str(args.shards), "split": args.split, "models": models,
             "metrics": "avg_sq_mean = mean_c (mean_NHW x)^2; avg_var = mean_c var_NHW x "
                        "(DeepMind's signal_metrics), at each residual block's output",
-            "branches": "on = NF skip gains / last BN gamma set to 1; as built = 0 (identity blocks)"}
+            "branches": "on = NF skip gains / last BN gamma set to 1; "
+                        "as built = 0 (identity blocks)"}
     paths = write_report(curves, args.out, meta)
     write_resolved(recipe, "pretrain", args.out, {"signal": meta["models"], "split": args.split,
                                                   "baseline": args.baseline}, args.overrides)

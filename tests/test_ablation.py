@@ -1,58 +1,164 @@
-"""The AGC sweep end to end at tiny size: a 2 x 2 corner (clip 0.01 / off x batch 16 / 64) of
-ablations/dvc.yaml run by `dvc repro` on a fresh copy of the project, through
-ablations/agc_sweep.py and the real pretrain stage, with the table, the DVC plot data and the PNG
-checked.
+"""The ablations (pipeline/ablation/, ablations/).
 
-At lr_base 6.4 (lr 0.4 at batch 16, 1.6 at 64; one epoch at 32 px) the unclipped tiny NFNet
-diverges (NaN loss, skipped steps) at both batches and clip 0.01 trains (48% and 41% top-1,
-chance 20%): both branches of the divergence logic are exercised by real runs."""
+- Units: the pretrain command is built from the stage script the caller names (the library does
+  not locate stages/), and top-1 with BN batch statistics goes through `pipeline.evaluate.predict`
+  on a tiny conv net and the test digits: garbage running statistics make eval mode predict one
+  class while batch statistics do not; without BN it is exactly `predict`'s top-1 (dropout off).
+- The AGC sweep end to end at tiny size: a 2 x 2 corner (clip 0.01 / off x batch 16 / 64) of
+  ablations/dvc.yaml run by `dvc repro` on a fresh copy of the project, through
+  ablations/agc_sweep.py and the real pretrain stage, with the table, the DVC plot data and the
+  PNG checked. At lr_base 6.4 (lr 0.4 at batch 16, 1.6 at 64; one epoch at 32 px) the unclipped
+  tiny NFNet diverges (NaN loss, skipped steps) at both batches and clip 0.01 trains (48% and 41%
+  top-1, chance 20%): both branches of the divergence logic are exercised by real runs.
+"""
 import csv
 import json
-import os
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, copy_project, run
+from pipeline.ablation.nf_vs_bn import BatchStatsBN, batch_stats_top1
+from pipeline.ablation.runs import pretrain_command
+from pipeline.data.manifest import load_split
+from pipeline.evaluate import compute_metrics, eval_settings, predict
 
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-       "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
-       "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com"}
 CORNER = ("pretrain.lr_base=6.4 pretrain.epochs=1 pretrain.warmup_epochs=0.25 "
           "pretrain.train_res=32 pretrain.test_res=32 pretrain.micro_batch=16 "
           "pretrain.nan_policy=skip pretrain.eval_every=0 pretrain.checkpoint_every=0 "
           "'pretrain.trackers=[]' pretrain.loader.num_workers=0")
 
 
-def sh(*cmd, cwd, timeout=600):
-    p = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+def output(p: subprocess.CompletedProcess) -> str:
+    """stdout and stderr together: DVC logs to one, the stage scripts to either."""
     return p.stdout + p.stderr
+
+
+def test_pretrain_command_runs_the_script_it_is_given(tmp_path):
+    script = tmp_path / "elsewhere" / "pretrain.py"
+    cmd = pretrain_command("python", script, "r.yaml", "shards", tmp_path / "out", ["a.b=1"])
+    assert cmd == [sys.executable, str(script), "--recipe", "r.yaml", "--shards", "shards",
+                   "--out", str(tmp_path / "out"), "a.b=1"]
+    launch = pretrain_command("accelerate launch --num_processes 8", script, "r", "s", tmp_path, [])
+    assert launch[:5] == ["accelerate", "launch", "--num_processes", "8", str(script)]
+
+
+CONFIG = {"num_classes": 5, "pretrained_cfg": {"test_input_size": [3, 32, 32], "crop_pct": 1.0,
+                                                "interpolation": "bilinear"}}
+
+
+def tiny_net(bn: bool) -> nn.Module:
+    """Five channels, one per class (identity head, no bias): the class is the channel with the
+    largest pooled activation, so BN with batch statistics spreads the predictions over the
+    classes. Dropout 0.5 before the head: a forward not in eval mode would show."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 5, padding=2), nn.BatchNorm2d(5) if bn else nn.Identity(),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+                        nn.Linear(5, 5))
+    with torch.no_grad():
+        net[6].weight.copy_(torch.eye(5))
+        net[6].bias.zero_()
+    return net
+
+
+def eval_mode_predictions(model: nn.Module, split):
+    settings = eval_settings(CONFIG)
+    return predict(model, split, settings.transform(), batch=16, workers=0,
+                   device=torch.device("cpu"), mean=settings.mean, std=settings.std)
+
+
+def test_bn_batch_statistics_top1_goes_through_predict(demo_shards):
+    val = load_split(demo_shards["pretrain"], "val")
+    model = tiny_net(bn=True)
+    bn = model[1]
+    bn.running_mean.fill_(1e3)             # garbage: eval mode sends every activation below 0
+    bn.running_var.fill_(1e-4)
+    kept = bn.running_mean.clone()
+    running = eval_mode_predictions(model, val)
+    assert len(set(running.top5[:, 0])) == 1                          # ReLU(0): one class for all
+    wrapped = BatchStatsBN(model).eval()                              # what `predict` calls
+    assert wrapped.model[1].training and not wrapped.model[5].training   # BN on, dropout off
+    batch_stats = eval_mode_predictions(wrapped, val)
+    assert len(set(batch_stats.top5[:, 0])) >= 4                      # measured: 5
+    top1 = batch_stats_top1(model, val, CONFIG, batch=16)
+    assert top1 == pytest.approx(compute_metrics(batch_stats, [str(c) for c in range(5)])["top1"])
+    assert top1 != compute_metrics(running, [str(c) for c in range(5)])["top1"]   # 30 vs 19
+    assert torch.equal(bn.running_mean, kept) and not model.training   # the original untouched
+
+
+def test_batch_statistics_top1_without_bn_is_predicts(demo_shards):
+    val = load_split(demo_shards["pretrain"], "val")
+    model = tiny_net(bn=False)
+    plain = eval_mode_predictions(model, val)
+    wrapped = eval_mode_predictions(BatchStatsBN(model), val)
+    assert (wrapped.top5 == plain.top5).all() and (wrapped.nll == plain.nll).all()  # dropout off
+    expected = compute_metrics(plain, [str(c) for c in range(5)])["top1"]
+    assert batch_stats_top1(model, val, CONFIG, batch=16) == expected
+
+
+# Runs a script as `python <script> <args>` would and, at exit, prints the project files it
+# imported: a stage's DVC deps must cover the modules it loads, lazy imports included.
+PROBE = """import atexit, runpy, sys
+def report():
+    files = {getattr(m, "__file__", None) for n, m in list(sys.modules.items())
+             if n.split(".")[0] == "pipeline"}
+    print("IMPORTED", *sorted(f for f in files if f))
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def imported_files(script: str, *args: str) -> list[str]:
+    """The `pipeline` files (relative to the project) a real run of `script` imports."""
+    p = run([sys.executable, "-c", PROBE, ROOT / script, *args], cwd=ROOT)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("IMPORTED"))
+    return [str(Path(f).resolve().relative_to(ROOT)) for f in line.split()[1:]]
+
+
+def stage_deps(name: str) -> list[str]:
+    stage = yaml.safe_load((ROOT / "ablations" / "dvc.yaml").read_text())["stages"][name]
+    return [d for d in stage.get("do", stage)["deps"] if "${" not in d]
+
+
+@pytest.mark.parametrize("stage", ["data", "signal"])
+def test_report_stages_depend_on_every_module_they_import(stage, demo_raw, demo_shards,
+                                                          tmp_path):
+    """The stages that do not run the pretrain stage list modules, not all of `pipeline`."""
+    if stage == "data":
+        files = imported_files("pipeline/data/demo.py", str(tmp_path / "raw"), "--size", "16")
+        files += imported_files("stages/shard.py", "--recipe", "recipes/demo.yaml", "--source",
+                                str(demo_raw / "pretrain"), "--out", str(tmp_path / "shards"),
+                                "--workers", "1", "--quiet", "shard.max_size=16")
+    else:
+        files = imported_files("stages/signal_report.py", "--recipe", "recipes/demo.yaml",
+                               "--baseline", "recipes/demo_bn.yaml", "--shards",
+                               str(demo_shards["pretrain"]), "--out", str(tmp_path / "signal"),
+                               "--images", "4")
+    deps = stage_deps(stage)
+    assert "pipeline" not in deps and any(f.startswith("pipeline/") for f in files)
+    missing = [f for f in files if not any(f == d or f.startswith(d + "/") for d in deps)]
+    assert not missing, f"ablations/dvc.yaml:{stage} runs {missing} but does not list them"
 
 
 @pytest.fixture(scope="module")
 def corner(demo_shards, tmp_path_factory):
-    """A copy of the project (tracked + unignored files, committed), its ablation parameters cut
-    to the corner and pointed at the test shards; then `dvc repro` of the sweep's report."""
-    dst = tmp_path_factory.mktemp("ablation") / "project"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith("reports/"):
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
+    """A fresh copy of the project (less the committed reports), its ablation parameters cut to
+    the corner and pointed at the test shards (committed too); then `dvc repro` of the sweep."""
+    dst = copy_project(tmp_path_factory.mktemp("ablation") / "project", skip=("reports/",))
     params = dst / "ablations" / "params.yaml"
     p = yaml.safe_load(params.read_text())
     p["shards"] = str(demo_shards["pretrain"])
     p["agc"].update(clip_factors="0.01 null", global_batches="16 64", overrides=CORNER,
                     plot_columns=["clip_0.01", "clip_off"])
     params.write_text(yaml.safe_dump(p, sort_keys=False))
-    sh("git", "init", "-q", cwd=dst)
-    sh("git", "add", "-A", cwd=dst)
-    sh("git", "commit", "-qm", "clone", cwd=dst)
-    return dst, sh("dvc", "repro", "ablations/dvc.yaml:agc", cwd=dst)
+    run(["git", "commit", "-qam", "the corner"], cwd=dst)
+    return dst, output(run(["dvc", "repro", "ablations/dvc.yaml:agc"], cwd=dst))
 
 
 def test_corner_runs_every_cell_through_dvc(corner):
@@ -60,16 +166,17 @@ def test_corner_runs_every_cell_through_dvc(corner):
     assert "Running stage 'ablations/dvc.yaml:agc'" in log
     assert "ablations/dvc.yaml:data" not in log and "compare" not in log   # only what it needs
     for batch, clip in ((16, "0.01"), (64, "0.01"), (16, "null"), (64, "null")):
-        run = dst / "ablations" / "runs" / "agc" / f"b{batch}-clip{clip}"
-        assert f"--out {run.relative_to(dst)} pretrain.clip_factor={clip}" in log
-        resolved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+        cell = dst / "ablations" / "runs" / "agc" / f"b{batch}-clip{clip}"
+        assert f"--out {cell.relative_to(dst)} pretrain.clip_factor={clip}" in log
+        resolved = yaml.safe_load((cell / "recipe.resolved.yaml").read_text())
         assert resolved["pretrain"]["global_batch"] == batch
         assert resolved["pretrain"]["clip_factor"] == (None if clip == "null" else float(clip))
         assert resolved["resolved"]["lr"] == pytest.approx(6.4 * batch / 256)   # lr scales
     lock = yaml.safe_load((dst / "ablations" / "dvc.lock").read_text())
     assert "agc" in lock["stages"]
-    assert "Running stage" not in sh("dvc", "repro", "ablations/dvc.yaml:agc", cwd=dst)  # no-op
-    again = sh("dvc", "repro", "-f", "ablations/dvc.yaml:agc", cwd=dst)   # forced: cells kept
+    assert "Running stage" not in output(run(["dvc", "repro", "ablations/dvc.yaml:agc"],
+                                             cwd=dst))                          # a no-op
+    again = output(run(["dvc", "repro", "-f", "ablations/dvc.yaml:agc"], cwd=dst))  # cells kept
     assert again.count("done with these settings, kept") == 4 and "stages/pretrain.py" not in again
 
 
@@ -90,8 +197,7 @@ def test_table_flags_divergence_and_plots_are_written(corner):
     assert set(wide[0]) == {"global_batch", "clip_0.01", "clip_off"}
     assert float(wide[1]["clip_0.01"]) == pytest.approx(float(cells[("0.01", 64)]["val_top1"]))
     assert (out / "agc_sweep.png").stat().st_size > 30_000
-    shown = subprocess.run(["dvc", "plots", "show", "--json"], cwd=dst, env=ENV,
-                           capture_output=True, text=True, timeout=120)
+    shown = run(["dvc", "plots", "show", "--json"], cwd=dst, timeout=120, check=False)
     plots = json.loads(shown.stdout)                   # the demo chain's absent plots: warnings
     sweep = plots["data"]["AGC sweep (val top-1 per clip factor)"][0]["content"]["data"]["values"]
     assert {v["field"] for v in sweep} == {"clip_0.01", "clip_off"} and len(sweep) == 4
@@ -104,10 +210,12 @@ def test_a_bare_dvc_repro_at_the_root_runs_the_root_pipeline_only(corner):
     root = dst / "dvc.yaml"
     chain = root.read_text()
     try:
-        root.write_text("stages:\n  hello:\n    cmd: echo hello > hello.txt\n    outs: [hello.txt]\n")
-        log = sh("dvc", "repro", cwd=dst)
+        root.write_text("stages:\n  hello:\n    cmd: echo hello > hello.txt\n"
+                        "    outs: [hello.txt]\n")
+        log = output(run(["dvc", "repro"], cwd=dst))
         assert "Running stage 'hello'" in log and "ablations" not in log
-        assert "compare" in sh("dvc", "status", "ablations/dvc.yaml", cwd=dst)   # still to run
+        status = output(run(["dvc", "status", "ablations/dvc.yaml"], cwd=dst))
+        assert "compare" in status                                             # still to run
     finally:
         root.write_text(chain)
 
@@ -118,6 +226,7 @@ def test_the_ablation_pipeline_keeps_the_demo_chain_order_deterministic(corner):
     so this pipeline keeps at most as many stages as the chain has (the sweep's cells run inside
     one stage)."""
     dst, _ = corner
-    ours = [l for l in sh("dvc", "stage", "list", "ablations/dvc.yaml", cwd=dst).splitlines() if l]
-    chain = [l for l in sh("dvc", "stage", "list", cwd=dst).splitlines() if l]
+    ours = run(["dvc", "stage", "list", "ablations/dvc.yaml"], cwd=dst).stdout.splitlines()
+    chain = run(["dvc", "stage", "list"], cwd=dst).stdout.splitlines()
+    ours, chain = [s for s in ours if s], [s for s in chain if s]
     assert 0 < len(ours) <= len(chain), (ours, chain)

@@ -1,11 +1,13 @@
-"""The shard stage on real image folders: tar contents, manifest, determinism, restart, skips, verify.
+"""The shard stage on real image folders: tar contents, manifest, determinism, restart, skips,
+verify.
 
-Every test writes real image files into a temp dir and runs the stage script (`stages.shard.main`,
-and once as a killed-and-resumed `python stages/shard.py` subprocess), then reads the tars back with
-webdataset.
+Every test writes real image files into a temp dir and runs the stage script (its `main`, loaded
+from stages/shard.py; as a `python stages/shard.py` subprocess where a run is killed and resumed or
+the exit code is the point), then reads the tars back with webdataset.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -21,15 +23,19 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from conftest import ROOT
+from pipeline.data.folder_source import FolderSplit
+from pipeline.data.manifest import read_manifest
+from pipeline.data.source import NameTable, Source
+from pipeline.data.sources import open_source
+from pipeline.data.verify import verify
+from pipeline.data.writer import permutation, plan_split
+from pipeline.io import sha256_file
+from pipeline.recipe import load_recipe
 
-from pipeline.data.manifest import read_manifest  # noqa: E402
-from pipeline.io import sha256_file  # noqa: E402
-from pipeline.data.sources import FolderSplit, NameTable, Source, open_source  # noqa: E402
-from pipeline.data.writer import permutation, plan_split, verify  # noqa: E402
-from pipeline.recipe import load_recipe  # noqa: E402
-from stages.shard import main  # noqa: E402
+_spec = importlib.util.spec_from_file_location("shard_stage", ROOT / "stages" / "shard.py")
+STAGE = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(STAGE)
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 CLASSES = ("cat", "dog", "owl")                 # folder names; class index = sorted order
@@ -53,7 +59,7 @@ def save_jpeg(path: Path, img: Image.Image, **kw) -> Path:
 def make_folder(root: Path, per_class=(5, 4, 4), val=2, size=(40, 48)) -> Path:
     """root/{train,val}/<class>/*.jpg, coloured by class."""
     for split, counts in (("train", per_class), ("val", (val,) * len(CLASSES))):
-        for k, (cls, n) in enumerate(zip(CLASSES, counts)):
+        for k, (cls, n) in enumerate(zip(CLASSES, counts, strict=True)):
             for i in range(n):
                 save_jpeg(root / split / cls / f"{i:03d}.jpg", noisy(size, COLORS[k], k * 100 + i))
     return root
@@ -83,6 +89,14 @@ def add_odd_images(root: Path) -> None:
 # Pinned here so the tests do not move when the demo recipe's shard section is retuned.
 BASE = ["shard.shard_size=5", "shard.max_size=40", "shard.jpeg_quality=95", "shard.seed=0",
         "shard.splits=[train,val]", "shard.max_skipped_fraction=0.001"]
+
+
+def main(argv: list[str]) -> int:
+    """The stage's exit code, in-process: errors exit through pipeline.cli.fail (SystemExit)."""
+    try:
+        return STAGE.main(argv)
+    except SystemExit as e:
+        return e.code
 
 
 def shard(src, out, *extra, workers=1) -> int:
@@ -115,7 +129,7 @@ def test_folder_shards_hold_every_image_as_rgb_jpeg(tmp_path):
     assert sum(train["shard_lengths"]) == n_train and len(train["filenames"]) == 5
     # Equal within one sample, less the one shard that lost the truncated image.
     assert max(train["shard_lengths"]) - min(train["shard_lengths"]) <= 2
-    for name, sha in zip(train["filenames"], train["sha256"]):
+    for name, sha in zip(train["filenames"], train["sha256"], strict=True):
         assert sha256_file(out / name) == sha
     assert info["splits"]["val"]["num_samples"] == 6
     assert info["recipe"]["shard_size"] == 5 and "workers" not in info["recipe"]
@@ -151,7 +165,7 @@ def test_folder_shards_hold_every_image_as_rgb_jpeg(tmp_path):
 
     # Shuffled across shards: source order is class by class (2 class changes), shard order not.
     order = [int(s["cls"]) for s in samples]
-    assert sum(a != b for a, b in zip(order, order[1:])) > 5
+    assert sum(a != b for a, b in zip(order, order[1:], strict=False)) > 5
     assert [s["__key__"] for s in samples] != sorted(s["__key__"] for s in samples)
     report = json.loads((out / "_skipped.json").read_text())
     (entry,) = report["splits"]["train"]["files"]
@@ -213,7 +227,8 @@ def test_rerun_rewrites_only_damaged_shards(tmp_path, capsys):
 
 
 def test_killed_run_resumes_with_finished_shards(tmp_path):
-    """SIGKILL a real `python stages/shard.py` while it blocks on one input (a FIFO), then re-run."""
+    """SIGKILL a real `python stages/shard.py` while it blocks on one input (a FIFO), then
+    re-run."""
     src = make_folder(tmp_path / "raw", per_class=(10, 10, 10))
     blocker = src / "train" / "dog" / "005.jpg"
     blocker.unlink()
@@ -223,8 +238,9 @@ def test_killed_run_resumes_with_finished_shards(tmp_path):
            str(src), "--out", str(out), "--workers", "1", "--quiet", *BASE]
     recipe = load_recipe(RECIPE, BASE)
     source = open_source(str(src), recipe.shard)
+    train = source.splits["train"]
     blocked = next(p.shard for p in plan_split(source, "train", recipe.shard)
-                   if any(source.splits["train"].relname(i) == "train/dog/005.jpg" for i in p.indices))
+                   if any(train.relname(i) == "train/dog/005.jpg" for i in p.indices))
     assert blocked >= 1, "the blocking input landed in the first shard; pick another file"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -271,7 +287,21 @@ def test_too_many_unreadable_images_fail_with_report(tmp_path, capsys):
     listed = {f["file"]: f["reason"] for f in report["files"]}
     assert "truncated" in listed["train/owl/001.jpg"].lower()
     assert "cannot identify image" in listed["train/dog/002.jpg"]
+    assert "BytesIO" not in listed["train/dog/002.jpg"]      # no memory address in the report
     assert read_manifest(out)["splits"]["train"]["num_samples"] == 8
+
+
+def test_empty_image_is_skipped_as_an_empty_file(tmp_path):
+    src = make_folder(tmp_path / "raw", per_class=(2, 2, 2), val=1)
+    (src / "train" / "owl" / "empty.jpg").write_bytes(b"")
+    outs = [tmp_path / "o1", tmp_path / "o2"]
+    for out in outs:
+        assert shard(src, out, "shard.splits=[train]", "shard.max_skipped_fraction=0.5") == 0
+    (entry,) = json.loads((outs[0] / "_skipped.json").read_text())["splits"]["train"]["files"]
+    assert entry["file"] == "train/owl/empty.jpg" and "empty file (0 bytes)" in entry["reason"]
+    # The reason holds nothing run-specific, so the report is identical from run to run.
+    assert (outs[0] / "_skipped.json").read_bytes() == (outs[1] / "_skipped.json").read_bytes()
+    assert read_manifest(outs[0])["splits"]["train"]["num_samples"] == 6
 
 
 def test_verify_names_damaged_and_missing_shards(tmp_path, capsys):
@@ -306,7 +336,7 @@ def test_verify_names_damaged_and_missing_shards(tmp_path, capsys):
     ("not_in_list", "class folder {src}/train/owl is not in the class list"),
     ("no_split", "split folder {src}/val not found"),
     ("bad_key", "unknown key 'shard.bogus'"),
-    ("bad_value", "shard.shard_size=0 must be >= 1"),
+    ("bad_value", "'shard.shard_size' must be >= 1, got 0"),
 ])
 def test_clear_errors_before_any_work(tmp_path, capsys, case, expected):
     src = make_folder(tmp_path / "raw", per_class=(2, 2, 2), val=1)
@@ -357,9 +387,7 @@ def _names(n: int) -> NameTable:
 
 
 def test_help_starts_with_the_commands(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    assert e.value.code == 0
+    assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "--recipe recipes/f0.yaml --source /data/imagenet" in text
     assert "--recipe recipes/demo.yaml --source data/demo/raw/pretrain" in text

@@ -19,14 +19,23 @@ to 1 (as built they are 0 and every block is an identity):
   gains as built every non-transition block is an exact identity.
 """
 import json
+from itertools import pairwise
 
 import pytest
 import timm
 import torch
 
 from conftest import ROOT, run_stage
-from pipeline.signal import (branch_gains, gaussian_like, image_batch, measure, predicted_variance,
-                             residual_blocks, signal_metrics, summarise)
+from pipeline.signal import (
+    branch_gains,
+    gaussian_like,
+    image_batch,
+    measure,
+    predicted_variance,
+    residual_blocks,
+    signal_metrics,
+    summarise,
+)
 from pipeline.variants import VARIANTS, build_model
 
 ALPHA2 = 0.2 ** 2
@@ -89,13 +98,13 @@ def test_real_images_reset_and_as_built_blocks_are_identities(deep_tiny, images)
     on = measure(deep_tiny, images, "tiny", "images", gains=1.0)
     built = measure(deep_tiny, images, "tiny", "images", gains=None)
     for curve in (on, built):
-        for prev, b in zip(curve.blocks, curve.blocks[1:]):
+        for prev, b in pairwise(curve.blocks):
             if b.block == 0:
                 assert b.avg_var <= 0.6 * prev.avg_var                 # each transition resets
-    for prev, b in zip(built.blocks, built.blocks[1:]):
+    for prev, b in pairwise(built.blocks):
         if b.block > 0:                                                # skip gain 0: identity
             assert (b.avg_var, b.avg_sq_mean) == (prev.avg_var, prev.avg_sq_mean)
-    assert any(b.avg_var != p.avg_var for p, b in zip(on.blocks, on.blocks[1:]) if b.block > 0)
+    assert any(b.avg_var != p.avg_var for p, b in pairwise(on.blocks) if b.block > 0)
 
 
 def test_bn_normalises_the_signal_nf_does_not(images):

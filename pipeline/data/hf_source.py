@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.sources import Source, SourceError, read_class_list, resolve_path
+from pipeline.data.source import Source, SourceError, read_class_list, resolve_path
+from pipeline.recipe import ShardSection
 
-_ALIASES = {"val": ("validation", "valid"), "validation": ("val", "valid"), "valid": ("validation", "val")}
+_ALIASES = {"val": ("validation", "valid"), "validation": ("val", "valid"),
+            "valid": ("validation", "val")}
 
 
 class HFSplit:
@@ -53,8 +55,9 @@ class HFSplit:
         return data, (os.path.basename(path) if path else self.relname(i))
 
 
-def open_hf(spec: str, section) -> Source:
+def open_hf(spec: str, section: ShardSection) -> Source:
     """A save_to_disk folder, or `hf:<name>[:<config>]` from the Hub."""
+    # `datasets` is imported where used: it takes ~1.5 s, which only a Hugging Face source pays.
     import datasets
 
     if spec.startswith("hf:"):
@@ -74,7 +77,7 @@ def open_hf(spec: str, section) -> Source:
     return _from_datasets(spec, data, section)
 
 
-def open_parquet(spec: str, files: list[str], section) -> Source:
+def open_parquet(spec: str, files: list[str], section: ShardSection) -> Source:
     """Parquet files, assigned to the recipe's splits by file or folder name."""
     import datasets
 
@@ -83,7 +86,8 @@ def open_parquet(spec: str, files: list[str], section) -> Source:
     try:
         data = datasets.load_dataset("parquet", data_files=data_files)
     except Exception as e:
-        raise SourceError(f"could not read parquet files {spec} ({type(e).__name__}: {e})") from None
+        raise SourceError(f"could not read parquet files {spec} "
+                          f"({type(e).__name__}: {e})") from None
     return _from_datasets(spec, data, section)
 
 
@@ -105,8 +109,8 @@ def _assign_parquet(spec: str, files: list[str], splits: list[str], root) -> dic
     if missing:
         shown = ", ".join(Path(f).name for f in files[:8])
         raise SourceError(f"no parquet files for split(s) {', '.join(missing)} in {spec} (files: "
-                          f"{shown}); name them <split>-*.parquet or put them in a <split>/ folder, "
-                          f"or set shard.splits")
+                          f"{shown}); name them <split>-*.parquet or put them in a <split>/ "
+                          f"folder, or set shard.splits")
     return out
 
 
@@ -122,7 +126,7 @@ def _pick(data, split: str, spec: str):
                       f"shard.splits to the splits to shard")
 
 
-def _from_datasets(spec: str, data, section) -> Source:
+def _from_datasets(spec: str, data, section: ShardSection) -> Source:
     import datasets
 
     if isinstance(data, datasets.Dataset) and len(section.splits) > 1:
@@ -144,7 +148,7 @@ def _from_datasets(spec: str, data, section) -> Source:
     return Source("hf", spec, class_names, splits)
 
 
-def _check_columns(ds, spec: str, where: str, section):
+def _check_columns(ds, spec: str, where: str, section: ShardSection):
     import datasets
 
     for key in ("image_column", "label_column"):

@@ -8,15 +8,14 @@ as timm's and torchvision's ImageNet readers see it.
 from __future__ import annotations
 
 import io
-from typing import Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 WHITE = (255, 255, 255)
 
 
-def target_size(size: tuple[int, int], max_size: Optional[int]) -> Optional[tuple[int, int]]:
+def target_size(size: tuple[int, int], max_size: int | None) -> tuple[int, int] | None:
     """(w, h) with the shorter side equal to `max_size`, or None when no downscale is needed."""
     w, h = size
     if max_size is None or min(w, h) <= max_size:
@@ -27,7 +26,8 @@ def target_size(size: tuple[int, int], max_size: Optional[int]) -> Optional[tupl
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode as 8-bit RGB: 16-bit rescaled, alpha composited over white, CMYK/P/L/1 converted."""
+    """Any Pillow mode as 8-bit RGB: 16-bit rescaled, alpha composited over white, CMYK/P/L/1
+    converted."""
     if img.mode.startswith("I") or img.mode == "F":
         # Pillow's convert() clips 16-bit values at 255 (a near-white image); rescale instead.
         # 32-bit "I" comes from 16-bit PNG/TIFF data, so its range is taken as 16-bit too.
@@ -43,10 +43,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def encode_image(raw: bytes, max_size: Optional[int], quality: int) -> bytes:
+def _open(raw: bytes) -> Image.Image:
+    """Image.open, with reasons fit for the skip report: Pillow's name the BytesIO object (a memory
+    address that differs on every run) instead of what is wrong with the bytes."""
+    if not raw:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(raw))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file ({len(raw)} bytes, starting "
+                                     f"{raw[:8]!r}): not an image format Pillow reads") from None
+
+
+def encode_image(raw: bytes, max_size: int | None, quality: int) -> bytes:
     """Shard-ready JPEG bytes of an image file's bytes. Raises (OSError, ValueError, ...) when the
     image cannot be decoded completely."""
-    img = Image.open(io.BytesIO(raw))
+    img = _open(raw)
     target = target_size(img.size, max_size)
     keep = target is None and img.format == "JPEG" and img.mode == "RGB"
     if target is not None and img.format == "JPEG":

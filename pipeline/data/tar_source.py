@@ -3,8 +3,9 @@
 Splits come from the folder's `_info.json` when it has one (an earlier shard stage's output, which
 also gives the class names), else from file names `<split>-*.tar` / `<split>_*.tar` (all tars when
 one split is asked for and no name matches). Samples are grouped the way webdataset groups them
-(consecutive members sharing the basename up to its first dot, `webdataset.tariterators.base_plus_ext`);
-the image is the first of jpg/jpeg/png/webp/... present and the label is the `cls` member.
+(consecutive members sharing the basename up to its first dot,
+`webdataset.tariterators.base_plus_ext`); the image is the first of jpg/jpeg/png/webp/... present
+and the label is the `cls` member.
 
 Why an index of our own rather than a webdataset pipeline: the writer permutes samples across
 shards, which needs random access, and webdataset only streams. One pass over the tar headers
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.data.sources import NameTable, Source, SourceError, read_class_list, resolve_path
+from pipeline.data.source import NameTable, Source, SourceError, read_class_list, resolve_path
+from pipeline.recipe import ShardSection
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
@@ -40,7 +42,7 @@ class TarSplit:
         stats = [os.stat(t) for t in tars]
         # Tars named alike can differ in content: size and mtime stand in for a content hash.
         self.fingerprint = ",".join(f"{Path(t).name}:{s.st_size}:{s.st_mtime_ns}"
-                                    for t, s in zip(tars, stats))
+                                    for t, s in zip(tars, stats, strict=True))
         self._handles: dict[int, object] = {}
         self._pid = -1
 
@@ -55,7 +57,8 @@ class TarSplit:
         name = self.relname(i)
         if self.meta_size[i] >= 0:      # keep the original file name through a re-shard
             try:
-                meta = json.loads(self._read(self.tar_index[i], self.meta_offset[i], self.meta_size[i]))
+                meta = json.loads(self._read(self.tar_index[i], self.meta_offset[i],
+                                             self.meta_size[i]))
                 name = str(meta.get("file") or name) if isinstance(meta, dict) else name
             except ValueError:
                 pass
@@ -126,7 +129,9 @@ class TarSplit:
         self.keys.append(key)
 
 
-def open_tars(spec: str, tars: list[str], section) -> Source:
+def open_tars(spec: str, tars: list[str], section: ShardSection) -> Source:
+    """Tars assigned to the recipe's splits, indexed in one pass; labels checked against the
+    class names (shard.class_list, else the tars' _info.json, else the class indices)."""
     root = Path(spec) if Path(spec).is_dir() else Path(tars[0]).parent
     manifest = root / "_info.json"
     info = json.loads(manifest.read_text()) if manifest.is_file() else {}

@@ -25,9 +25,10 @@ import multiprocessing as mp
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import PIL
@@ -37,8 +38,7 @@ from webdataset import TarWriter
 
 from pipeline.data.images import encode_image
 from pipeline.data.manifest import manifest_path, write_manifest
-from pipeline.data.sources import Source
-from pipeline.data.verify import verify  # noqa: F401  (part of this module's interface)
+from pipeline.data.source import Source
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.recipe import ShardSection, to_dict
 

@@ -1,13 +1,12 @@
-"""Shard-stage sources beyond plain image folders: ImageNet's flat val, Hugging Face datasets
-(save_to_disk and parquet; the Hub path offline), and re-sharding existing tars."""
+"""Shard-stage sources (pipeline/data/sources.py and the kinds it dispatches to): ImageNet's flat
+val, Hugging Face datasets (save_to_disk and parquet; the Hub path offline), re-sharding existing
+tars, and the refusal of an --out inside the source."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,15 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from conftest import ROOT, run_stage
+from pipeline.data.manifest import read_manifest
+from pipeline.data.source import SourceError
+from pipeline.data.sources import open_source
+from pipeline.recipe import load_recipe
 
-from pipeline.data.manifest import read_manifest  # noqa: E402
-from pipeline.data.sources import SourceError, open_source  # noqa: E402
-from pipeline.recipe import load_recipe  # noqa: E402
-from stages.shard import main  # noqa: E402
+_spec = importlib.util.spec_from_file_location("shard_stage", ROOT / "stages" / "shard.py")
+STAGE = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(STAGE)
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 WNIDS = ("n01440764", "n01443537", "n01484850")         # sorted: class index 0, 1, 2
@@ -46,6 +47,14 @@ def samples(out: Path, split: str) -> list[dict]:
                                shardshuffle=False))
 
 
+def main(argv: list[str]) -> int:
+    """The stage's exit code, in-process: errors exit through pipeline.cli.fail (SystemExit)."""
+    try:
+        return STAGE.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def run(source, out, *extra) -> int:
     return main(["--recipe", RECIPE, "--source", str(source), "--out", str(out), "--workers", "1",
                  "--quiet", "shard.shard_size=4", "shard.max_size=64", "shard.seed=0",
@@ -57,7 +66,8 @@ def imagenet(root: Path, val_labels: list[int]) -> Path:
     for k, wnid in enumerate(WNIDS):
         (root / "train" / wnid).mkdir(parents=True)
         for i in range(3):
-            (root / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpeg_bytes(COLORS[k], 10 * k + i))
+            jpg = jpeg_bytes(COLORS[k], 10 * k + i)
+            (root / "train" / wnid / f"{wnid}_{i}.JPEG").write_bytes(jpg)
     (root / "val").mkdir()
     for n, k in enumerate(val_labels, 1):
         (root / "val" / f"ILSVRC2012_val_{n:08d}.JPEG").write_bytes(jpeg_bytes(COLORS[k], 100 + n))
@@ -129,7 +139,8 @@ def test_imagenet_label_errors_name_the_image(tmp_path, capsys, case, expected):
 
 
 def hf_dataset(n_train=9, n_val=3, corrupt_row=None):
-    """Image + ClassLabel features; class names deliberately unsorted to check their order is kept."""
+    """Image + ClassLabel features; class names deliberately unsorted to check their order is
+    kept."""
     import datasets
 
     names = ["zebra", "ant", "moth"]
@@ -170,11 +181,13 @@ def test_hf_save_to_disk_folder(tmp_path):
     (tmp_path / "classes.txt").write_text("moth\nbee\nzebra\nant\n")
     out2 = tmp_path / "shards2"
     assert run(tmp_path / "ds", out2, "shard.image_column=img", "shard.label_column=lbl",
-               "shard.max_skipped_fraction=0.5", f"shard.class_list={tmp_path / 'classes.txt'}") == 0
+               "shard.max_skipped_fraction=0.5",
+               f"shard.class_list={tmp_path / 'classes.txt'}") == 0
     assert read_manifest(out2)["class_names"] == ["moth", "bee", "zebra", "ant"]
     for s in samples(out2, "train"):
         label = json.loads(s["json"])["label"]
-        assert label == names[color_class(s["jpg"])] == ["moth", "bee", "zebra", "ant"][int(s["cls"])]
+        by_index = ["moth", "bee", "zebra", "ant"][int(s["cls"])]
+        assert label == names[color_class(s["jpg"])] == by_index
 
 
 def test_hf_parquet_files(tmp_path, monkeypatch):
@@ -208,12 +221,10 @@ def test_hf_column_and_split_errors(tmp_path, capsys):
 
 
 def test_hf_hub_name_offline_fails_clearly(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf")}
-    res = subprocess.run([sys.executable, "stages/shard.py", "--recipe", RECIPE, "--source",
-                          "hf:someorg/no-such-dataset", "--out", str(tmp_path / "o")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    res = run_stage("shard", "--recipe", RECIPE, "--source", "hf:someorg/no-such-dataset",
+                    "--out", str(tmp_path / "o"), env=env, timeout=120, check=False)
+    assert res.returncode == 2, res.stderr
     assert "could not load Hugging Face dataset 'someorg/no-such-dataset'" in res.stderr
 
 
@@ -222,7 +233,8 @@ def make_tars(tmp_path: Path) -> Path:
     for k, cls in enumerate(("a", "b", "c")):
         (src / "train" / cls).mkdir(parents=True)
         for i in range(4):
-            (src / "train" / cls / f"{i}.jpg").write_bytes(jpeg_bytes(COLORS[k], 10 * k + i, (64, 48)))
+            jpg = jpeg_bytes(COLORS[k], 10 * k + i, (64, 48))
+            (src / "train" / cls / f"{i}.jpg").write_bytes(jpg)
     tars = tmp_path / "tars"
     assert run(src, tars, "shard.splits=[train]", "shard.max_size=null") == 0
     return tars
@@ -233,7 +245,8 @@ def test_reshard_tars_changes_shard_and_image_size(tmp_path):
     out = tmp_path / "resharded"
     assert run(tars, out, "shard.splits=[train]", "shard.shard_size=5", "shard.max_size=24") == 0
     info = read_manifest(out)
-    assert info["class_names"] == ["a", "b", "c"] and info["splits"]["train"]["shard_lengths"] == [4, 4, 4]
+    assert info["class_names"] == ["a", "b", "c"]
+    assert info["splits"]["train"]["shard_lengths"] == [4, 4, 4]
     got = samples(out, "train")
     files = sorted(json.loads(s["json"])["file"] for s in got)
     assert files == sorted(f"train/{c}/{i}.jpg" for c in "abc" for i in range(4))  # names kept
@@ -249,8 +262,34 @@ def test_reshard_tars_changes_shard_and_image_size(tmp_path):
     assert read_manifest(tmp_path / "o2")["class_names"] == ["0", "1", "2"]
 
 
-def test_reshard_refuses_to_overwrite_its_source(tmp_path):
+def image_folder(root: Path) -> Path:
+    for k, cls in enumerate(("a", "b")):
+        (root / "train" / cls).mkdir(parents=True)
+        (root / "train" / cls / "0.jpg").write_bytes(jpeg_bytes(COLORS[k], k))
+    return root
+
+
+@pytest.mark.parametrize("kind", ["folder", "tars"])
+@pytest.mark.parametrize("where", ["equal", "inside"])
+def test_out_in_the_source_tree_is_refused(tmp_path, kind, where):
+    src = image_folder(tmp_path / "raw") if kind == "folder" else make_tars(tmp_path)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    out = src if where == "equal" else src / "train" / "shards"
+    res = run_stage("shard", "--recipe", RECIPE, "--source", str(src), "--out", str(out),
+                    "--workers", "1", "--quiet", "shard.splits=[train]", check=False)
+    assert res.returncode == 2, res.stderr
+    assert f"--out {out} is {'inside ' if where == 'inside' else ''}the source folder {src}" \
+        in res.stderr
+    assert "Write the shards outside the source tree" in res.stderr
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before   # nothing written
+
+
+def test_out_next_to_the_source_files_is_refused(tmp_path):
     tars = make_tars(tmp_path)
     recipe = load_recipe(RECIPE, ["shard.splits=[train]"])
-    with pytest.raises(SourceError, match="re-sharding in place would overwrite"):
-        open_source(str(tars), recipe.shard, out=tars)
+    with pytest.raises(SourceError, match="is the source folder"):     # a re-shard in place
+        open_source(f"{tars}/*.tar", recipe.shard, out=tars)
+    with pytest.raises(SourceError, match="is inside the source folder"):   # read back next time
+        open_source(f"{tmp_path}/**/*.tar", recipe.shard, out=tmp_path / "new")
+    # Beside the files (not a recursive glob) is fine: the glob does not reach the output.
+    assert open_source(f"{tars}/*.tar", recipe.shard, out=tars / "new").kind == "tars"

@@ -1,17 +1,14 @@
-"""encode_image: every Pillow mode becomes 8-bit RGB JPEG; resizing (with JPEG draft decoding)."""
+"""encode_image: every Pillow mode becomes 8-bit RGB JPEG; resizing (with JPEG draft decoding);
+unreadable bytes fail with a reason fit for the skip report."""
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.data.images import encode_image, target_size  # noqa: E402
+from pipeline.data.images import encode_image, target_size
 
 
 def encoded(img: Image.Image, fmt: str = "PNG", max_size=None, **kw) -> Image.Image:
@@ -83,3 +80,13 @@ def test_small_rgb_jpeg_keeps_its_bytes_and_others_are_reencoded():
     assert encode_image(buf.getvalue(), 10, 95) != buf.getvalue()
     with pytest.raises(OSError):
         encode_image(buf.getvalue()[:-40], 30, 95)          # truncated: fails, never half-decoded
+
+
+def test_unreadable_bytes_fail_with_a_stable_reason():
+    with pytest.raises(ValueError, match=r"^empty file \(0 bytes\)$"):
+        encode_image(b"", None, 95)
+    with pytest.raises(OSError) as e:
+        encode_image(b"plain text with a .jpg name", None, 95)
+    # Pillow's own message names the BytesIO object, a memory address that changes every run.
+    assert "cannot identify image file" in str(e.value) and "BytesIO" not in str(e.value)
+    assert "27 bytes" in str(e.value)

@@ -1,0 +1,140 @@
+"""The model card (README.md) of a published folder.
+
+The text lives in `templates/model_card.md` (`string.Template`, `$name` placeholders); the
+functions here build its parts: the front matter the Hub reads (huggingface_hub's ModelCardData,
+with a model-index from the evaluate stage's metrics), the training lines from the resolved
+recipes, the evaluation table and the limits.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from pipeline.recipe import PublishSection
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+
+
+def model_card(cfg: dict[str, Any], section: PublishSection, metrics: dict[str, Any] | None,
+               recipes: dict[str, dict[str, Any]], num_params: int, repo: str | None) -> str:
+    """README.md: front matter that the Hub reads (model-index from the evaluation) and a body
+    that says how the model was trained, how to load it, and its limits.
+
+    `cfg` is the published config.json, `recipes` the resolved recipes by stage (pretrain,
+    finetune), `repo` the Hub repo it is pushed to (None: a placeholder in the usage example)."""
+    arch, pc = cfg["architecture"], cfg["pretrained_cfg"]
+    test_res = pc["test_input_size"][-1]
+    about = ("An NFNet (Brock et al. 2021, \"High-Performance Large-Scale Image Recognition "
+             "Without Normalization\")" if "nfnet" in arch else f"A timm `{arch}`")
+    text = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
+        front_matter=_front_matter(section, metrics).to_yaml(),
+        model_name=section.model_name, about=about, arch=arch,
+        variant=cfg.get("nfnet_pipeline", {}).get("variant", arch),
+        params=f"{num_params / 1e6:.3f}", num_classes=cfg["num_classes"],
+        runs=" then ".join(recipes) or "runs not recorded",
+        model_args=json.dumps(cfg.get("model_args", {})),
+        datasets=", ".join(section.datasets) or "n/a",
+        training="\n".join(_training_lines(recipes)), weights=section.weights,
+        evaluation=_evaluation(section, metrics, test_res),
+        hub_id=repo or f"<org>/{section.model_name}", test_res=test_res,
+        limits="\n".join(_limit_lines(cfg, metrics, _dataset(section))))
+    return str(ModelCard(text))             # no .validate(): it calls the Hub
+
+
+def _dataset(section: PublishSection) -> str:
+    return section.datasets[-1] if section.datasets else "custom"   # the evaluated one: last
+
+
+def _front_matter(section: PublishSection, metrics: dict[str, Any] | None) -> ModelCardData:
+    results = None
+    if metrics:
+        dataset = _dataset(section)
+        results = [EvalResult(task_type="image-classification", task_name="Image Classification",
+                              dataset_type=dataset, dataset_name=dataset,
+                              dataset_split=metrics.get("split"), metric_type="accuracy",
+                              metric_name=f"{name} accuracy (%)",
+                              metric_value=round(float(metrics[key]), 3))
+                   for key, name in (("top1", "Top-1"), ("top5", "Top-5")) if key in metrics]
+    return ModelCardData(library_name="timm", license=section.license, tags=section.tags,
+                         datasets=section.datasets, model_name=section.model_name,
+                         pipeline_tag="image-classification", eval_results=results)
+
+
+def _training_lines(recipes: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [line for stage in ("pretrain", "finetune") if stage in recipes
+             for line in _run_lines(stage, recipes[stage])]
+    return lines or ["- (no resolved recipes found)"]
+
+
+def _run_lines(stage: str, doc: dict[str, Any]) -> list[str]:
+    """One run, from its resolved recipe: data, resolution, optimiser, augmentation, init."""
+    sec, res = doc.get(stage, {}), doc.get("resolved", {})
+    aug = sec.get("augment", {})
+    what = "Pre-training" if stage == "pretrain" else "Fine-tuning"
+    overrides = f", overrides `{' '.join(doc['overrides'])}`" if doc.get("overrides") else ""
+    lines = [f"- **{what}** (`recipes/{stage}.resolved.yaml`: recipe `{doc.get('name')}`"
+             f"{overrides})"]
+    if stage == "pretrain" and "model" in sec:
+        lines.append(f"  - variant `{sec['model'].get('variant')}` "
+                     f"(width {sec['model'].get('width', 1.0)})")
+    lines += [
+        f"  - data: {res.get('num_samples', '?')} training images; {sec.get('epochs', '?')} epochs "
+        f"= {res.get('total_steps', '?')} steps of "
+        f"{res.get('global_batch', sec.get('global_batch'))} images on "
+        f"{res.get('processes', '?')} process(es)",
+        f"  - resolution: train {sec.get('train_res')} px, test {sec.get('test_res')} px, crop "
+        f"{sec.get('crop_pct')}, {aug.get('interpolation', 'bicubic')}",
+        f"  - SGD ({'Nesterov ' if sec.get('nesterov') else ''}momentum {sec.get('momentum')}), lr "
+        f"{res.get('lr', '?')} with {res.get('warmup_steps', '?')} warm-up steps, weight decay "
+        f"{sec.get('weight_decay')}, AGC clip {sec.get('clip_factor')}, label smoothing "
+        f"{sec.get('label_smoothing')}, EMA decay {sec.get('ema_decay')}",
+        f"  - augmentation: crop scale {aug.get('crop_scale')}, flip {aug.get('hflip')}, "
+        f"RandAugment {aug.get('randaugment_layers')}x{aug.get('randaugment_magnitude')}, mixup "
+        f"{aug.get('mixup_alpha')}, CutMix {aug.get('cutmix_alpha')}"]
+    if stage == "finetune" and "init" in sec:
+        init = sec["init"]
+        lines.append(f"  - started from the pre-trained {init.get('weights')} weights with a new "
+                     f"head ({init.get('head_init')} init), frozen: "
+                     f"{init.get('freeze') or 'nothing'}")
+    return lines
+
+
+def _evaluation(section: PublishSection, metrics: dict[str, Any] | None,
+                test_res: int) -> str:
+    if not metrics:
+        return "Not evaluated: this card claims no accuracy."
+    nan = float("nan")
+    return (
+        f"Measured by the evaluate stage on {metrics.get('num_samples')} held-out images (split "
+        f"`{metrics.get('split')}` of {_dataset(section)}).\n\n"
+        f"| weights | images | resolution | top-1 % | top-5 % | NLL | ECE |\n"
+        f"|---|---|---|---|---|---|---|\n"
+        f"| {section.weights} | {metrics.get('num_samples')} | "
+        f"{metrics.get('test_res', test_res)} px | {metrics['top1']:.2f} | "
+        f"{metrics.get('top5', nan):.2f} | {metrics.get('nll', nan):.4f} | "
+        f"{metrics.get('ece', nan):.4f} |")
+
+
+def _limit_lines(cfg: dict[str, Any], metrics: dict[str, Any] | None,
+                 dataset: str) -> list[str]:
+    pc = cfg["pretrained_cfg"]
+    labels = [str(x) for x in cfg.get("label_names") or []]
+    named = ""
+    if labels:
+        named = f" ({', '.join(labels[:20])}{' ...' if len(labels) > 20 else ''})"
+    lines = [
+        f"- It knows {len(labels) or cfg['num_classes']} classes{named}; any other image is still "
+        f"put into one of them.",
+        f"- Use the test resolution ({pc['test_input_size'][-1]} px, crop "
+        f"{pc.get('test_crop_pct')}, {pc.get('crop_mode')}), which "
+        f"`resolve_data_config(..., use_test_size=True)` gives.",
+        f"- The figures hold for data like the {dataset} evaluation split; other domains need "
+        f"evaluating (and likely fine-tuning)." if metrics else "- Its accuracy is unknown."]
+    if cfg.get("nfnet_pipeline", {}).get("variant") == "tiny":
+        lines.append("- This is the CPU demo model (a tiny NFNet trained for minutes): it shows "
+                     "the pipeline works and is not meant for real use.")
+    return lines

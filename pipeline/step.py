@@ -1,0 +1,154 @@
+"""One optimiser step: micro-batches in, (SAM,) backward, AGC after the reduce, SGD.
+
+`accum_steps` micro-batches per process; DDP averages gradients across processes, accumulation
+sums them, AGC clips once on the result, then SGD applies coupled weight decay and Nesterov
+momentum: DeepMind's order. Every random draw (mixing, dropout, stochastic depth) is seeded from
+(seed, step, micro-batch, rank), so a resumed run repeats the step exactly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import IO, Any, Iterator, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from pipeline.agc import AGC, split_parameters
+from pipeline.data.device_aug import DeviceAugment
+from pipeline.data.transforms import mix_batch, mixed_cross_entropy, normalize
+from pipeline.plan import Plan
+from pipeline.recipe import TrainSection
+
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # x, labels a, b, ratio
+
+
+@dataclass
+class StepRunner:
+    """Runs optimiser steps. `forward` is the module called for the loss (the DDP-wrapped model,
+    or its torch.compile'd wrapper); `ddp_model` is what gradient sync is controlled on."""
+    acc: Accelerator
+    ddp_model: nn.Module
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    agc: Optional[AGC]
+    section: TrainSection
+    plan: Plan
+    batches: Iterator[dict]
+    keys_log: Optional[IO[str]] = None
+    device_aug: Optional[DeviceAugment] = None   # loader.decode: device
+    skipped: int = 0                      # steps dropped by nan_policy: skip
+
+    def inputs(self, batch: dict, step: int, micro: int) -> Inputs:
+        """Normalised, mixed inputs of a micro-batch; the same for the same (step, micro)."""
+        dev, s = self.acc.device, self.section
+        if self.device_aug is not None:
+            images = self.device_aug(batch["jpeg"], batch["offsets"], batch["seed"])
+        else:
+            images = batch["image"].to(dev, non_blocking=True)
+        x = normalize(images, s.channels_last)
+        y = batch["label"].to(dev, non_blocking=True)
+        rng = np.random.default_rng([s.seed, step, micro, self.acc.process_index])
+        return mix_batch(x, y, s.augment.mixup_alpha, s.augment.cutmix_alpha, rng)
+
+    def log_keys(self, step: int, micro: int, batch: dict) -> None:
+        if self.keys_log is not None:
+            self.keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch["key"]})
+                                + "\n")
+
+    def loss(self, inputs: Inputs) -> torch.Tensor:
+        x, ya, yb, ratio = inputs
+        with self.acc.autocast():
+            logits = self.forward(x)
+        return mixed_cross_entropy(logits.float(), ya, yb, ratio, self.section.label_smoothing)
+
+    def reseed(self, step: int) -> None:
+        # dropout / stochastic depth draw from the global RNG: reseed it from (seed, step, rank),
+        # so a resumed run (and SAM's second pass) draws the same masks
+        acc = self.acc
+        torch.manual_seed(self.section.seed * 1_000_003 + step * acc.num_processes
+                          + acc.process_index)
+
+    def step(self, step: int) -> torch.Tensor:
+        """One optimiser step; returns its mean loss on this process (a device tensor, no sync)."""
+        acc, plan, s = self.acc, self.plan, self.section
+        batches = [next(self.batches) for _ in range(plan.accum_steps)] if s.sam_rho else None
+        step_loss = torch.zeros((), device=acc.device)
+        perturbation = None
+        if batches is not None:
+            step_loss = self._sam_ascent(batches, step)
+            perturbation = self._sam_perturb()
+        self.reseed(step)
+        for micro in range(plan.accum_steps):
+            batch = batches[micro] if batches is not None else next(self.batches)
+            if perturbation is None:
+                self.log_keys(step, micro, batch)
+            with acc.accumulate(self.ddp_model):
+                loss = self.loss(self.inputs(batch, step, micro))
+                acc.backward(loss)
+                if not s.sam_rho:
+                    step_loss += loss.detach() / plan.accum_steps
+                if acc.sync_gradients:           # gradients are reduced and accumulated here
+                    if perturbation is not None:
+                        with torch.no_grad():
+                            torch._foreach_sub_(*perturbation)       # back to w before AGC
+                    if self.agc is not None:
+                        self.agc()
+                    if s.nan_policy == "skip" and not step_is_finite(acc, step_loss, self.optimizer):
+                        self.optimizer.zero_grad(set_to_none=True)   # drop the step (syncs)
+                        self.skipped += 1
+                        if acc.is_main_process:
+                            print(f"step {step}: non-finite loss, step skipped")
+                        continue
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    def _sam_ascent(self, batches: list[dict], step: int) -> torch.Tensor:
+        """SAM's first pass: this process's gradient at w, not reduced across processes
+        (DDP's no_sync); the second pass's gradient is reduced once, as usual."""
+        acc, plan = self.acc, self.plan
+        self.reseed(step)
+        total = torch.zeros((), device=acc.device)
+        with acc.no_sync(self.ddp_model):
+            for micro, batch in enumerate(batches):
+                self.log_keys(step, micro, batch)
+                loss = self.loss(self.inputs(batch, step, micro))
+                acc.backward(loss)
+                total += loss.detach() / plan.accum_steps
+        return total
+
+    @torch.no_grad()
+    def _sam_perturb(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """w <- w + rho * g / ||g||; returns (params, perturbation) to undo it."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        e = torch._foreach_mul(grads, self.section.sam_rho / (norm + 1e-12))
+        torch._foreach_add_(params, e)
+        self.optimizer.zero_grad(set_to_none=True)
+        return params, e
+
+
+def step_is_finite(acc: Accelerator, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """Loss and every gradient finite on every process (a finite loss can still come with an
+    infinite gradient). One host sync: only `nan_policy: skip` pays it, every step."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    ok = torch.isfinite(loss) & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+    return bool(acc.reduce(ok.float(), "min").item() > 0)
+
+
+def ema_decay(step: int, max_decay: float) -> float:
+    """DeepMind's EMA warm-up: min(max_decay, (1 + t) / (10 + t))."""
+    return min(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def build_optimizer(model: nn.Module, section: TrainSection, lr: float) -> torch.optim.Optimizer:
+    """SGD(Nesterov) with weight decay on conv/linear weights only (not gains, biases, skip gains)."""
+    split = split_parameters(model)
+    groups: list[dict[str, Any]] = [
+        {"params": split.decay, "weight_decay": section.weight_decay},
+        {"params": split.no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=section.momentum, nesterov=section.nesterov)
