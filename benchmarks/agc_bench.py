@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.utils.agc import adaptive_clip_grad  # noqa: E402
+from train_throughput import Timer  # noqa: E402
 
 from pipeline.agc import AGC, split_parameters  # noqa: E402
-from train_throughput import Timer  # noqa: E402
 from pipeline.variants import build_model  # noqa: E402
 
 
@@ -72,7 +72,8 @@ def main(argv=None):
     ms_timm = timed(run_timm, dev, args.repeat)
     result = {
         "variant": args.variant, "device": str(dev),
-        "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name() if dev.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "tensors_clipped": len(split.clip),
         "groups": len(ours.groups), "params_m": round(sum(p.numel() for p in split.clip) / 1e6, 2),
         "ours_ms": round(ms_ours, 3), "timm_ms": round(ms_timm, 3),

@@ -167,7 +167,8 @@ def e2e_bench(shards: Path, recipe: str, steps: int, overrides: list[str]) -> di
     out = Path(tempfile.mkdtemp(prefix="nfnet-e2e-"))
     cmd = [sys.executable, str(ROOT / "stages" / "pretrain.py"), "--recipe", str(ROOT / "recipes" / recipe),
            "--shards", str(shards), "--out", str(out), f"pretrain.steps={steps}", "pretrain.epochs=null",
-           "pretrain.warmup_steps=1", "pretrain.warmup_epochs=null", f"pretrain.log_every={max(1, steps // 2)}",
+           "pretrain.warmup_steps=1", "pretrain.warmup_epochs=null",
+           f"pretrain.log_every={max(1, steps // 2)}",
            "pretrain.eval_every=0", "pretrain.trackers=[]", *overrides]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=2048, help="JPEGs generated for loader / e2e")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--e2e-steps", type=int, default=60)
-    ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 peak for MFU (H100: ~790 measured)")
+    ap.add_argument("--peak-tflops", type=float, default=790.0,
+                    help="bf16 peak for MFU (H100: ~790 measured)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -198,7 +200,8 @@ def main(argv=None) -> int:
         v = get_variant(variant)
         recipe = "demo.yaml" if variant == "tiny" else f"{variant}.yaml"
         res = 64 if args.cpu else v.train_res
-        batch = args.batch or (16 if args.cpu else load_recipe(ROOT / "recipes" / recipe).pretrain.micro_batch)
+        batch = args.batch or (16 if args.cpu else
+                               load_recipe(ROOT / "recipes" / recipe).pretrain.micro_batch)
         if "timm" in args.only:
             rows.append(step_bench("timm + timm AGC", variant, res, batch, dev, False, args.compile,
                                    args.iters, 3, args.peak_tflops))
@@ -209,7 +212,8 @@ def main(argv=None) -> int:
         variant = variants[0]
         recipe = "demo.yaml" if variant == "tiny" else f"{variant}.yaml"
         res = 64 if args.cpu else get_variant(variant).train_res
-        batch = args.batch or (16 if args.cpu else load_recipe(ROOT / "recipes" / recipe).pretrain.micro_batch)
+        batch = args.batch or (16 if args.cpu else
+                               load_recipe(ROOT / "recipes" / recipe).pretrain.micro_batch)
         shards = make_shards(args.images if not args.cpu else 256)
         if "loader" in args.only:
             for decode in (["cpu", "device"]):

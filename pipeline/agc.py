@@ -170,7 +170,7 @@ class AGC:
         self.groups = plan_groups([p.shape for p in self.params], self.whole, solo_numel)
 
     @classmethod
-    def for_model(cls, model: nn.Module, clip_factor: float, eps: float = 1e-3) -> "AGC":
+    def for_model(cls, model: nn.Module, clip_factor: float, eps: float = 1e-3) -> AGC:
         split = split_parameters(model)
         return cls(split.clip, split.clip_whole, clip_factor, eps)
 

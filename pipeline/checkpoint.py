@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -49,7 +49,7 @@ def _state_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
-                    ema: Optional[nn.Module], train_state: dict[str, Any],
+                    ema: nn.Module | None, train_state: dict[str, Any],
                     meta: dict[str, Any], keep: int) -> Path:
     """Write `root/step-<step>` atomically, then delete all but the newest `keep` checkpoints."""
     root = Path(root)
@@ -75,7 +75,7 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, ema: Optional[nn.Module]
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, ema: nn.Module | None
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights into `model` (and `ema`); return (train_state, meta)."""
     path = Path(path)
@@ -95,7 +95,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, ema: Optional[nn.
 # Model folders
 # ------------------------------------------------------------------------------------------------
 
-def save_model_dir(out: str | os.PathLike, model: nn.Module, ema: Optional[nn.Module],
+def save_model_dir(out: str | os.PathLike, model: nn.Module, ema: nn.Module | None,
                    config: dict[str, Any]) -> Path:
     """Write weights and config.json into `out`, replacing the folder as a whole (io.atomic_dir)."""
     with atomic_dir(out) as tmp:
@@ -129,7 +129,7 @@ def weights_file(folder: str | os.PathLike, weights: str) -> Path:
     return path
 
 
-def build_from_config(config: dict[str, Any], num_classes: Optional[int] = None,
+def build_from_config(config: dict[str, Any], num_classes: int | None = None,
                       **kwargs: Any) -> nn.Module:
     """The timm model a config.json describes (architecture + model_args), untrained."""
     return timm.create_model(config["architecture"], pretrained=False,
@@ -139,7 +139,7 @@ def build_from_config(config: dict[str, Any], num_classes: Optional[int] = None,
 
 
 def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor],
-                     may_miss: Optional[str] = None) -> Optional[str]:
+                     may_miss: str | None = None) -> str | None:
     """None when `state` fits `model` (every tensor name and shape), else what differs.
     `may_miss`: a module prefix (a new head) whose tensors the state may lack."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -155,7 +155,7 @@ def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor],
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
-                 config: dict[str, Any], may_miss: Optional[str] = None) -> nn.Module:
+                 config: dict[str, Any], may_miss: str | None = None) -> nn.Module:
     """Load `state` into `model` after checking that it fits: the one "do these weights fit this
     architecture" check of the project. Raises CheckpointError naming the file and the tensors."""
     problem = weights_mismatch(model, state, may_miss)
@@ -175,7 +175,7 @@ def is_published(folder: str | os.PathLike) -> bool:
             and ((folder / "SHA256SUMS").is_file() or (folder / "README.md").is_file()))
 
 
-def model_weights(folder: str | os.PathLike, weights: str) -> tuple[Path, str, Optional[str]]:
+def model_weights(folder: str | os.PathLike, weights: str) -> tuple[Path, str, str | None]:
     """(file, label, message) of the `ema` / `raw` weights of a model folder.
 
     A published folder holds only the weights publish chose (EMA by default), so both `ema` and
@@ -213,7 +213,7 @@ def default_crop_pct(test_res: int, crop_mode: str) -> float:
 
 
 def model_config(model: nn.Module, arch: str, model_args: dict, class_names: list[str],
-                 train_res: int, test_res: int, crop_pct: Optional[float], interpolation: str,
+                 train_res: int, test_res: int, crop_pct: float | None, interpolation: str,
                  extra: dict[str, Any], crop_mode: str = "squash") -> dict[str, Any]:
     """config.json in timm's hub format (so `timm.create_model('local-dir:...')` works).
     `crop_pct` None: the default of `crop_mode` (see default_crop_pct)."""

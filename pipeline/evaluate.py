@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class Predictions:
 @torch.no_grad()
 def predict(model: nn.Module, split: SplitInfo, transform, *, batch: int, workers: int,
             device: torch.device, rank: int = 0, world: int = 1,
-            autocast: Optional[Any] = None, channels_last: bool = False,
+            autocast: Any | None = None, channels_last: bool = False,
             mean: tuple = MEAN, std: tuple = STD) -> Predictions:
     """Predict every sample of `split` exactly once; with world > 1, call it on every process
     (each reads a contiguous range; the results are gathered to all of them)."""
@@ -153,8 +153,8 @@ class EvalSettings:
                               self.mean, self.std)
 
 
-def eval_settings(config: dict[str, Any], test_res: Optional[int] = None,
-                  crop_pct: Optional[float] = None, interpolation: Optional[str] = None
+def eval_settings(config: dict[str, Any], test_res: int | None = None,
+                  crop_pct: float | None = None, interpolation: str | None = None
                   ) -> EvalSettings:
     """The checkpoint's test resolution, crop fraction, crop mode, interpolation, mean and std
     (config.json's `pretrained_cfg`, resolved with the precedence and defaults of timm's
@@ -198,8 +198,8 @@ def load_models(folder, wanted: list[str], device: torch.device | str = "cpu"
 
 def validate(models: dict[str, nn.Module], split: SplitInfo, config: dict[str, Any], *,
              batch: int, workers: int, device: torch.device, rank: int = 0, world: int = 1,
-             autocast: Optional[Any] = None, bins: int = 15, test_res: Optional[int] = None,
-             crop_pct: Optional[float] = None, interpolation: Optional[str] = None,
+             autocast: Any | None = None, bins: int = 15, test_res: int | None = None,
+             crop_pct: float | None = None, interpolation: str | None = None,
              compile: bool = False) -> dict[str, dict[str, Any]]:
     """Metrics per named model (e.g. {"ema": ..., "raw": ...}) at the config's test settings
     (`test_res`, `crop_pct`, `interpolation` override them). Call on every process. `compile`:
@@ -208,16 +208,16 @@ def validate(models: dict[str, nn.Module], split: SplitInfo, config: dict[str, A
     transform = settings.transform()
     out = {}
     for name, model in models.items():
-        preds = predict(compiled(model) if compile else model, split, transform, batch=batch, workers=workers, device=device,
-                        rank=rank, world=world, autocast=autocast, mean=settings.mean,
-                        std=settings.std)
+        preds = predict(compiled(model) if compile else model, split, transform, batch=batch,
+                        workers=workers, device=device, rank=rank, world=world, autocast=autocast,
+                        mean=settings.mean, std=settings.std)
         out[name] = compute_metrics(preds, class_names_of(config), bins)
         out[name].update(test_res=settings.res, crop_pct=settings.crop_pct,
                          crop_mode=settings.crop_mode, interpolation=settings.interpolation)
     return out
 
 
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
 def compiled(model: nn.Module) -> nn.Module:

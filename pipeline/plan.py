@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ class Plan:
 
 
 def make_plan(section: TrainSection, num_samples: int, processes: int,
-              num_streams: Optional[int] = None) -> Plan:
+              num_streams: int | None = None) -> Plan:
     # micro_batch is the most a device holds; when the global batch spread over the processes
     # is smaller (many GPUs), each device takes that share and accumulation drops to 1.
     micro = min(section.micro_batch, section.global_batch // processes)

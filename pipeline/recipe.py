@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -33,8 +33,8 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class Range:
-    lo: Optional[float] = None
-    hi: Optional[float] = None
+    lo: float | None = None
+    hi: float | None = None
     lo_open: bool = False           # True: lo itself is not allowed
     hi_open: bool = False
 
@@ -54,8 +54,8 @@ class Range:
         return f"{'<' if self.hi_open else '<='} {num(self.hi)}"     # type: ignore[arg-type]
 
 
-def bounds(*, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
-           lt: Optional[float] = None, default: Any = dataclasses.MISSING) -> Any:
+def bounds(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None, default: Any = dataclasses.MISSING) -> Any:
     """A schema field whose value (every item, for a list) must lie in the given range."""
     rng = Range(gt if gt is not None else ge, lt if lt is not None else le,
                 lo_open=gt is not None, hi_open=lt is not None)
@@ -70,14 +70,14 @@ def bounds(*, ge: Optional[float] = None, gt: Optional[float] = None, le: Option
 @dataclass(kw_only=True)
 class ShardSection:
     shard_size: int = bounds(ge=1)        # samples per tar shard
-    max_size: Optional[int] = bounds(ge=1)  # shorter side is resized down to this (px); null keeps size
+    max_size: int | None = bounds(ge=1)  # shorter side is resized down to this (px); null keeps size
     jpeg_quality: int = bounds(ge=1, le=100)  # re-encode quality for resized / converted images
     seed: int = bounds(ge=0)              # seeds the permutation of samples across shards
     splits: list[str]                     # split folders (or dataset splits) to shard, e.g. [train, val]
     max_skipped_fraction: float = bounds(ge=0, le=1, default=0.001)  # fail if more unreadable
                                           # images than this are skipped
-    class_list: Optional[str] = None      # file with one class name per line; default: sorted folders
-    label_file: Optional[str] = None      # labels of a flat split folder (ImageNet val as shipped):
+    class_list: str | None = None      # file with one class name per line; default: sorted folders
+    label_file: str | None = None      # labels of a flat split folder (ImageNet val as shipped):
                                           # LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt
     image_column: str = "image"           # Hugging Face datasets sources
     label_column: str = "label"
@@ -141,26 +141,26 @@ class TrainSection:
     model: TrainModelSection
     train_res: int = bounds(ge=16)        # training resolution (px)
     test_res: int = bounds(ge=16)         # evaluation resolution of the trained model (px)
-    crop_pct: Optional[float] = bounds(gt=0, le=1, default=None)  # eval centre-crop fraction;
+    crop_pct: float | None = bounds(gt=0, le=1, default=None)  # eval centre-crop fraction;
                                           # null: S / (S + 32), DeepMind's
-    expected_samples: Optional[int] = bounds(ge=1, default=None)  # dataset size for --dry-run
-    epochs: Optional[float] = bounds(gt=0, default=None)  # give epochs or steps (optimizer steps)
-    steps: Optional[int] = bounds(ge=1, default=None)
-    warmup_epochs: Optional[float] = bounds(ge=0, default=None)
-    warmup_steps: Optional[int] = bounds(ge=0, default=None)
+    expected_samples: int | None = bounds(ge=1, default=None)  # dataset size for --dry-run
+    epochs: float | None = bounds(gt=0, default=None)  # give epochs or steps (optimizer steps)
+    steps: int | None = bounds(ge=1, default=None)
+    warmup_epochs: float | None = bounds(ge=0, default=None)
+    warmup_steps: int | None = bounds(ge=0, default=None)
     global_batch: int = bounds(ge=1)      # samples per optimizer step, all devices together
     micro_batch: int = bounds(ge=1)       # most samples per device per forward pass (memory);
                                           # fewer when global_batch / processes is smaller
-    lr_base: float = bounds(gt=0)
+    lr_base: float = bounds(ge=0)          # 0 leaves the weights as they are (checks)
     lr_batch_scaling: bool                # lr = lr_base * global_batch / 256 when true
     momentum: float = bounds(ge=0, lt=1)
     nesterov: bool
     weight_decay: float = bounds(ge=0)    # on conv/linear weights only, never gains or biases
-    clip_factor: Optional[float] = bounds(gt=0)  # AGC lambda; null = no clipping
+    clip_factor: float | None = bounds(gt=0)  # AGC lambda; null = no clipping
     agc_eps: float = bounds(gt=0, default=1e-3)
     label_smoothing: float = bounds(ge=0, lt=1)
-    ema_decay: Optional[float] = bounds(gt=0, lt=1)  # max EMA decay; null = no EMA
-    sam_rho: Optional[float] = bounds(gt=0, default=None)  # SAM radius; null = off
+    ema_decay: float | None = bounds(gt=0, lt=1)  # max EMA decay; null = no EMA
+    sam_rho: float | None = bounds(gt=0, default=None)  # SAM radius; null = off
     augment: AugmentSection
     loader: LoaderSection
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
@@ -214,9 +214,9 @@ class EvaluateSection:
     batch: int = bounds(ge=1)
     num_workers: int = bounds(ge=0)
     weights: list[Literal["ema", "raw"]]    # evaluated when present in the checkpoint
-    test_res: Optional[int] = bounds(ge=16, default=None)  # null: the checkpoint's test resolution
-    crop_pct: Optional[float] = bounds(gt=0, le=1, default=None)  # null: the checkpoint's crop
-    interpolation: Optional[Literal["bilinear", "bicubic"]] = None  # null: the checkpoint's
+    test_res: int | None = bounds(ge=16, default=None)  # null: the checkpoint's test resolution
+    crop_pct: float | None = bounds(gt=0, le=1, default=None)  # null: the checkpoint's crop
+    interpolation: Literal["bilinear", "bicubic"] | None = None  # null: the checkpoint's
     calibration_bins: int = bounds(ge=1, default=15)
     compile: bool = False                  # torch.compile the model for the forward passes
 
@@ -228,10 +228,10 @@ class PublishSection:
     tags: list[str]
     datasets: list[str]
     weights: Literal["ema", "raw"] = "ema"
-    repo: Optional[str] = None            # org/name on the Hub; null = local folder only
+    repo: str | None = None            # org/name on the Hub; null = local folder only
     private: bool = False
-    revision: Optional[str] = None
-    commit_message: Optional[str] = None
+    revision: str | None = None
+    commit_message: str | None = None
     require_metrics: bool = True
 
 
@@ -351,7 +351,7 @@ def _build(cls: type, data: dict, where: str, src: str) -> Any:
     return obj
 
 
-def _check_range(value: Any, rng: Optional[Range], key: str, src: str) -> None:
+def _check_range(value: Any, rng: Range | None, key: str, src: str) -> None:
     if rng is None or value is None:
         return
     for i, v in enumerate(value if isinstance(value, list) else [value]):

@@ -7,8 +7,8 @@ group up through the environment; accelerate's `PartialState` reads it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -36,7 +36,7 @@ def mixed_precision(precision: str = "auto") -> str:
 
 
 def make_accelerator(precision: str = "auto", *, accum_steps: int = 1,
-                     trackers: Sequence[str] = (), project_dir: Optional[Path] = None
+                     trackers: Sequence[str] = (), project_dir: Path | None = None
                      ) -> Accelerator:
     """The accelerator of a training run or an evaluation (no loader is ever prepared with it:
     the data is split by process in pipeline.data.reader)."""

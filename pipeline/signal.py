@@ -29,13 +29,16 @@ import copy
 import csv
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
+from pipeline.data.manifest import load_split
+from pipeline.data.reader import EvalShards
+from pipeline.data.transforms import eval_transform, normalize
 from pipeline.io import atomic_write_text
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -49,7 +52,7 @@ class BlockSignal:
     name: str                   # module path, e.g. stages.1.0 or layer2.0
     avg_sq_mean: float
     avg_var: float
-    predicted_var: Optional[float] = None   # NF blocks: 1 + (block + 1) * alpha^2
+    predicted_var: float | None = None   # NF blocks: 1 + (block + 1) * alpha^2
 
 
 @dataclass
@@ -58,7 +61,7 @@ class SignalCurve:
     model: str                  # label, e.g. "tiny (NFNet)"
     input: str                  # "images" or "gaussian"
     branches: str               # "on" (gains set to 1) or "as built"
-    alpha: Optional[float]      # NF residual scale; None for BN models
+    alpha: float | None      # NF residual scale; None for BN models
     blocks: list[BlockSignal] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -95,7 +98,7 @@ def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
     return out
 
 
-def branch_gains(model: nn.Module, value: Optional[float]) -> int:
+def branch_gains(model: nn.Module, value: float | None) -> int:
     """Set the gain that closes each residual branch: NF skip gains (skipinit_gain), or the last BN
     gamma of timm's ResNet blocks (zeroed by zero_init_last). None leaves them as built. Returns the
     number of blocks changed."""
@@ -114,8 +117,8 @@ def branch_gains(model: nn.Module, value: Optional[float]) -> int:
     return changed
 
 
-def alpha_of(model: nn.Module) -> Optional[float]:
-    alphas = {float(getattr(b, "alpha")) for _, b, _, _ in residual_blocks(model) if hasattr(b, "alpha")}
+def alpha_of(model: nn.Module) -> float | None:
+    alphas = {float(b.alpha) for _, b, _, _ in residual_blocks(model) if hasattr(b, "alpha")}
     return alphas.pop() if len(alphas) == 1 else None
 
 
@@ -140,7 +143,7 @@ def signal_metrics(x: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def measure(model: nn.Module, x: torch.Tensor, label: str, input_name: str = "images",
-            gains: Optional[float] = 1.0) -> SignalCurve:
+            gains: float | None = 1.0) -> SignalCurve:
     """Signal metrics of every residual block's output for one batch `x` (normalised NCHW).
 
     Works on a copy: `gains` (1.0 = branches on, None = as built) and BN batch statistics never
@@ -181,9 +184,6 @@ def image_batch(shards: str | Path, split: str, count: int, res: int, crop_pct: 
                 interpolation: str = "bicubic") -> tuple[torch.Tensor, list[int]]:
     """The first `count` images of a shard split at `res` px (eval transform: resize + centre
     crop), normalised with the ImageNet mean/std the models train with; and their labels."""
-    from pipeline.data.manifest import load_split
-    from pipeline.data.reader import EvalShards
-    from pipeline.data.transforms import eval_transform, normalize
     info = load_split(shards, split)
     n = min(count, info.num_samples)
     ds = EvalShards(info, eval_transform(res, crop_pct, interpolation), rank=0, world=1,

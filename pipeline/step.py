@@ -8,8 +8,9 @@ momentum: DeepMind's order. Every random draw (mixing, dropout, stochastic depth
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -33,12 +34,12 @@ class StepRunner:
     ddp_model: nn.Module
     forward: nn.Module
     optimizer: torch.optim.Optimizer
-    agc: Optional[AGC]
+    agc: AGC | None
     section: TrainSection
     plan: Plan
     batches: Iterator[dict]
-    keys_log: Optional[IO[str]] = None
-    device_aug: Optional[DeviceAugment] = None   # loader.decode: device
+    keys_log: IO[str] | None = None
+    device_aug: DeviceAugment | None = None   # loader.decode: device
     skipped: int = 0                      # steps dropped by nan_policy: skip
 
     def inputs(self, batch: dict, step: int, micro: int) -> Inputs:

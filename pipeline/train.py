@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -60,8 +61,8 @@ class Job:
     config: dict[str, Any]          # model config.json (architecture, classes, resolutions)
     resume: str = "auto"            # auto | none | <checkpoint folder>
     init_fingerprint: str = ""
-    record_keys: Optional[Path] = None  # write each rank's sample keys here (audits, tests)
-    shard_url: Optional[str] = None     # read tars from here ({name} template), manifest from shards
+    record_keys: Path | None = None  # write each rank's sample keys here (audits, tests)
+    shard_url: str | None = None     # read tars from here ({name} template), manifest from shards
 
 
 @dataclass
@@ -76,7 +77,7 @@ class TrainResult:
     resumed_from_step: int
     plan: Plan
     val: dict[str, dict[str, float]] = field(default_factory=dict)   # weights -> top1, nll
-    compile_s: Optional[float] = None   # wall time of the first step, which compiles (compile on)
+    compile_s: float | None = None   # wall time of the first step, which compiles (compile on)
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in (
@@ -107,9 +108,9 @@ class Trainer:
         self.job, self.section, self.out = job, job.section, job.out
         self.step = 0
         self.start_step = 0
-        self.resumed_from: Optional[Path] = None
+        self.resumed_from: Path | None = None
         self.last_loss, self.rate = float("nan"), 0.0
-        self.compile_s: Optional[float] = None
+        self.compile_s: float | None = None
 
     # -- phase 1 ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -140,7 +141,7 @@ class Trainer:
         self.cursor = Cursor(0, 0, self.plan.data_streams)
 
     # -- phase 2 ---------------------------------------------------------------------------------
-    def resume(self) -> Optional[Path]:
+    def resume(self) -> Path | None:
         """Load the checkpoint `job.resume` names (auto: the newest complete one of this recipe,
         data and init): weights, EMA, optimizer, scheduler, step and data cursor."""
         found = _find_resume(self.job.resume, self.ckpt_root)
@@ -161,7 +162,7 @@ class Trainer:
 
     # -- phase 3 ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def sample_key_log(self) -> Iterator[Optional[IO[str]]]:
+    def sample_key_log(self) -> Iterator[IO[str] | None]:
         """This rank's sample-key log (`--log-samples`), open for the step loop, or None."""
         if self.job.record_keys is None:
             yield None
@@ -171,7 +172,7 @@ class Trainer:
         with open(path, "a", buffering=1) as f:
             yield f
 
-    def open_data(self, keys_log: Optional[IO[str]] = None) -> None:
+    def open_data(self, keys_log: IO[str] | None = None) -> None:
         """The training streams from the cursor on, the validation split, the trackers."""
         job, s, plan, acc = self.job, self.section, self.plan, self.acc
         on_device = s.loader.decode == "device"
@@ -312,7 +313,8 @@ class Trainer:
         if acc.is_main_process:
             config = dict(job.config)
             config["nfnet_pipeline"] = {**config.get("nfnet_pipeline", {}), "stage": job.stage,
-                                        "step": self.step, "fingerprint": self.fingerprint}
+                                        "step": self.step, "fingerprint": self.fingerprint,
+                                        "mixed_precision": acc.mixed_precision}
             ckpt.save_model_dir(self.out / "model", self.model, ema, config)
         acc.wait_for_everyone()
         result = TrainResult(self.step, self.last_loss, self.rate, self.train_time_s,
@@ -375,7 +377,7 @@ def _resumable(section: TrainSection) -> dict[str, Any]:
     return d
 
 
-def _find_resume(resume: str, root: Path) -> Optional[Path]:
+def _find_resume(resume: str, root: Path) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":

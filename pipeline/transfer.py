@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from pipeline import checkpoint as ckpt
 from pipeline.io import sha256_file
 from pipeline.recipe import FinetuneSection
-from pipeline.variants import set_stochastic_depth
+from pipeline.variants import VARIANTS, build_model, set_stochastic_depth
 
 
 @dataclass
@@ -92,7 +92,6 @@ def timm_init(init: str) -> InitSource:
 def scratch_init(variant: str, seed: int = 0) -> InitSource:
     """A randomly initialised variant, as if it were a pretrained checkpoint: the from-scratch
     baseline that fine-tuning is compared against (same budget, same new head)."""
-    from pipeline.variants import build_model
     model, arch, model_args = build_model(variant, num_classes=1, seed=seed)
     config = {"architecture": arch, "model_args": model_args, "num_classes": 1, "label_names": [],
               "pretrained_cfg": {}, "nfnet_pipeline": {"variant": variant, "from_scratch": True}}
@@ -108,7 +107,7 @@ def _fill_num_classes(config: dict[str, Any], state: dict[str, torch.Tensor]) ->
         config["num_classes"] = int(state[f"{name}.weight"].shape[0])
 
 
-def pretrain_res(config: dict[str, Any]) -> Optional[int]:
+def pretrain_res(config: dict[str, Any]) -> int | None:
     """The resolution the init weights were trained at, when the config records it."""
     size = config.get("pretrained_cfg", {}).get("input_size")
     return int(size[-1]) if size else None
@@ -225,7 +224,7 @@ def _short(names: list[str], k: int = 5) -> str:
     return "[" + ", ".join(names[:k]) + (", ..." if len(names) > k else "") + "]"
 
 
-def resolution_note(init_config: dict[str, Any], section: FinetuneSection) -> Optional[str]:
+def resolution_note(init_config: dict[str, Any], section: FinetuneSection) -> str | None:
     """What fine-tuning does to the resolution, for the log (None when the init does not say
     what it was trained at)."""
     before = pretrain_res(init_config)
@@ -254,7 +253,6 @@ def finetune_lineage(init_config: dict[str, Any], init: str, weights_label: str,
 
 def init_crop_mode(config: dict[str, Any]) -> str:
     """Evaluate as the pretrained model was: its crop mode, else its variant's (NFNets: squash)."""
-    from pipeline.variants import VARIANTS
     mode = config.get("pretrained_cfg", {}).get("crop_mode")
     variant = config.get("nfnet_pipeline", {}).get("variant")
     if mode is None and variant in VARIANTS:

@@ -14,9 +14,8 @@ Two things are set after timm builds the model, to match DeepMind's training:
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -37,7 +36,7 @@ class Variant:
     randaugment_layers: int
     randaugment_magnitude: int
     drop_rate: float
-    params_m: Optional[float]      # parameters in millions at 1000 classes (paper / DeepMind)
+    params_m: float | None      # parameters in millions at 1000 classes (paper / DeepMind)
     timm_arch: str                 # the timm model it is built from
     # Only the tiny test variants change these; the F-variants keep DeepMind's.
     arch_overrides: dict = field(default_factory=dict)

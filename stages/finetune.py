@@ -25,11 +25,16 @@ import sys
 
 from pipeline import checkpoint as ckpt
 from pipeline import runtime, train
-from pipeline.cli import (add_training_args, data_lineage, fail, load_recipe_or_exit, plan_or_exit,
-                          stage_parser, train_and_finish, training_data)
+from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.recipe import write_resolved
-from pipeline.transfer import (build_finetune_model, finetune_lineage, init_crop_mode, load_init,
-                               resolution_note)
+from pipeline.train_cli import add_training_args, data_lineage, plan_or_exit, train_and_finish, training_data
+from pipeline.transfer import (
+    build_finetune_model,
+    finetune_lineage,
+    init_crop_mode,
+    load_init,
+    resolution_note,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

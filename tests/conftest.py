@@ -3,6 +3,7 @@
 - `run(cmd, ...)`: any command, as a user would type it (captured, with a timeout; asserts the
   exit code unless `check=False`).
 - `run_stage(stage, ...)`: `python stages/<stage>.py ...`.
+- `stage_main(stage, argv)`: a stage's main() in this process (no start-up cost); its exit code.
 - `torchrun(nproc, script, ...)`: a real `torch.distributed.run --standalone` launch (gloo on CPU).
 - `copy_project(dst)`: a fresh clone-like copy of the project (tracked and unignored files,
   committed to a new git repo), for `dvc repro` runs that must not touch the checkout.
@@ -14,8 +15,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import pytest
 
@@ -29,7 +30,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-def run(cmd: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[dict] = None,
+def run(cmd: Sequence[str], *, cwd: Path | None = None, env: dict | None = None,
         timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command with the test environment (+ `env`); on failure with `check`, the assertion
     shows the command and the tails of both streams."""
@@ -43,14 +44,32 @@ def run(cmd: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[dict] =
     return p
 
 
-def run_stage(stage: str, *args: str, env: Optional[dict] = None, timeout: int = 600,
+def run_stage(stage: str, *args: str, env: dict | None = None, timeout: int = 600,
               check: bool = True) -> subprocess.CompletedProcess:
     """Run a real stage script in a subprocess, as a user would."""
     return run([sys.executable, ROOT / "stages" / f"{stage}.py", *args], env=env,
                timeout=timeout, check=check)
 
 
-def torchrun(nproc: int, script: str | Path, *args: str, env: Optional[dict] = None,
+def stage_main(stage: str, argv: Sequence[str]) -> int:
+    """Run `stages/<stage>.py`'s main(argv) in this process (no interpreter start-up: the imports
+    are paid once per session) and return its exit code; errors exit through
+    pipeline.cli.fail as SystemExit."""
+    import importlib.util
+    name = f"stage_{stage}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "stages" / f"{stage}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    try:
+        return module.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+
+
+def torchrun(nproc: int, script: str | Path, *args: str, env: dict | None = None,
              timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone --nproc_per_node N <script> ...`, one thread
     per process (2 cores)."""
@@ -75,6 +94,36 @@ def copy_project(dst: Path, skip: Sequence[str] = ()) -> Path:
     run(["git", "add", "-A"], cwd=dst)
     run(["git", "commit", "-qm", "copy"], cwd=dst)
     return dst
+
+
+# ------------------------------------------------------------------------------------------------
+# Model folders and published folders (tests of export, hub, publish)
+# ------------------------------------------------------------------------------------------------
+
+LABELS = ["5", "6", "7", "8", "9"]
+
+
+def files_in(folder: Path) -> set[str]:
+    """Every file under `folder`, as relative posix paths."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def publish_section(*overrides: str):
+    """The demo recipe's publish section (with dotted overrides)."""
+    from pipeline.recipe import load_recipe
+    return load_recipe(ROOT / "recipes" / "demo.yaml", list(overrides)).publish
+
+
+def tiny_model_dir(folder: Path, seed: int = 0) -> Path:
+    """A tiny NFNet model folder as the finetune stage of the demo writes it (train 32 px, test
+    40 px, squash crop 1.0), untrained; its EMA weights differ from the raw ones."""
+    from pipeline.checkpoint import model_config, save_model_dir
+    from pipeline.variants import build_model
+    model, arch, args = build_model("tiny", len(LABELS), seed=seed)
+    ema, _, _ = build_model("tiny", len(LABELS), seed=seed + 1)
+    config = model_config(model, arch, args, LABELS, 32, 40, 1.0, "bicubic",
+                          {"variant": "tiny", "recipe": "demo"}, "squash")
+    return save_model_dir(folder, model, ema, config)
 
 
 @pytest.fixture(scope="session")

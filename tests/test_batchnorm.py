@@ -2,26 +2,26 @@
 right: SyncBatchNorm without CUDA warns and still trains, small per-device batches warn, frozen BN
 statistics stay bit-identical through fine-tuning, and evaluation is always in eval mode."""
 import json
-import os
-import subprocess
-import sys
+import math
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, run_stage, torchrun
 from pipeline.checkpoint import load_model_dir
 from pipeline.data.manifest import load_split
 from pipeline.evaluate import eval_settings, predict
-from pipeline.variants import has_batchnorm
+from pipeline.variants import build_model, has_batchnorm
 
 RECIPE = str(ROOT / "recipes" / "demo_bn.yaml")
+# lr_base 1.2 (3x the demo's): 22 steps then learn enough for an accuracy floor above chance
 TINY = ["pretrain.epochs=1", "pretrain.warmup_epochs=0.25", "pretrain.train_res=32", "pretrain.test_res=32",
         "pretrain.global_batch=32", "pretrain.micro_batch=32", "pretrain.eval_every=0",
-        "pretrain.log_every=5"]
-TINY_FT = ["finetune.epochs=1", "finetune.warmup_epochs=0.25", "finetune.train_res=40", "finetune.test_res=40",
+        "pretrain.log_every=5", "pretrain.lr_base=1.2"]
+TINY_FT = ["finetune.epochs=1", "finetune.warmup_epochs=0.25", "finetune.train_res=40",
+           "finetune.test_res=40",
            "finetune.global_batch=32", "finetune.micro_batch=32", "finetune.eval_every=0",
            "finetune.log_every=5"]
 SMALL_BATCH = "batch norm statistics come from"
@@ -89,7 +89,9 @@ def test_demo_bn_runs_through_the_five_stages(bn):
     assert has_batchnorm(model) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
     assert SMALL_BATCH not in bn["pretrain"].stdout and NO_SYNC not in bn["pretrain"].stdout
     pre = json.loads((root / "pretrain" / "metrics.json").read_text())
-    assert pre["steps"] == 22 and pre["peak_mem_mb"] > 0 and 0 <= pre["val_top1_ema"] <= 100
+    assert pre["steps"] == 22 and pre["peak_mem_mb"] > 0
+    # measured 27.2 (EMA) and 34.4 (raw) on digits 0-4 (chance 20) after 22 steps
+    assert pre["val_top1_ema"] >= 23 and pre["val_top1_raw"] >= 28
     assert "new head" in bn["finetune_train"].stdout
     ev = json.loads((root / "evaluate" / "metrics.json").read_text())
     assert ev["num_samples"] == 179 and ev["weights"] == "ema" and ev["top1"] > 20   # chance: 20
@@ -162,21 +164,23 @@ def test_sync_bn_without_cuda_warns_and_still_trains_on_two_processes(bn, tmp_pa
     """torchrun gives a 2-process gloo group on CPU: SyncBatchNorm needs CUDA, so the engine says
     so (once) and trains with per-process statistics; 8 images per device also warns."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "stages" / "pretrain.py"), "--recipe", RECIPE,
-           "--shards", str(bn["root"] / "shards" / "pretrain"), "--out", str(out),
-           "pretrain.model.sync_bn=true", "pretrain.global_batch=16", "pretrain.micro_batch=8",
-           "pretrain.steps=6", "pretrain.epochs=null", "pretrain.warmup_steps=1",
-           "pretrain.warmup_epochs=null", "pretrain.train_res=32", "pretrain.test_res=32",
-           "pretrain.eval_every=0", "pretrain.trackers=[]"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    assert p.returncode == 0, p.stderr[-4000:]
+    p = torchrun(2, "stages/pretrain.py", "--recipe", RECIPE,
+                 "--shards", str(bn["root"] / "shards" / "pretrain"), "--out", str(out),
+                 "pretrain.model.sync_bn=true", "pretrain.global_batch=16", "pretrain.micro_batch=8",
+                 "pretrain.steps=6", "pretrain.epochs=null", "pretrain.warmup_steps=1",
+                 "pretrain.warmup_epochs=null", "pretrain.train_res=32", "pretrain.test_res=32",
+                 "pretrain.eval_every=0", "pretrain.trackers=[]", timeout=300)
     assert p.stdout.count(NO_SYNC) == 1                 # printed by the main process only
     assert p.stdout.count(f"{SMALL_BATCH} 8 images per forward pass") == 1
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["train_loss"] == metrics["train_loss"]   # finite
+    assert metrics["steps"] == 6 and math.isfinite(metrics["train_loss"])
     resolved = (out / "recipe.resolved.yaml").read_text()
     assert "processes: 2" in resolved and "sync_bn: true" in resolved
+    # the saved weights are a plain BN model's: the same names and shapes as a freshly built
+    # tiny_bn (no SyncBatchNorm wrapper, no DDP "module." prefix), statistics updated by training
     state = load_file(str(out / "model" / "model.safetensors"))
-    assert not any("SyncBatchNorm" in k for k in state) and _bn_keys(state)   # plain BN saved
+    fresh, _, _ = build_model("tiny_bn", 5)
+    assert {k: tuple(v.shape) for k, v in state.items()} == \
+        {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    steps = [v for k, v in state.items() if k.endswith("num_batches_tracked")]
+    assert steps and all(int(v) == 6 for v in steps)           # 6 steps x 1 micro-batch each

@@ -13,8 +13,9 @@ from pipeline.checkpoint import complete_checkpoints, load_model_dir
 from pipeline.data.manifest import read_manifest
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
+# lr_base 1.2 (3x the demo's): 22 steps then learn enough for accuracy floors above chance (20%)
 TINY = ["pretrain.epochs=2", "pretrain.train_res=32", "pretrain.test_res=32",
-        "pretrain.checkpoint_every=10", "pretrain.log_every=5"]
+        "pretrain.checkpoint_every=10", "pretrain.log_every=5", "pretrain.lr_base=1.2"]
 TINY_FT = ["finetune.epochs=2", "finetune.train_res=48", "finetune.test_res=48",
            "finetune.log_every=5"]
 
@@ -58,9 +59,10 @@ def test_pretrain_outputs(chain):
     assert 1 <= len(ckpts) <= 2 and ckpts[-1].name == "step-00000022"   # 2 epochs of 721 / 64
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 22 and 0 < metrics["train_loss"] < 2.0
-    assert 0 <= metrics["val_top1_ema"] <= 100
+    # measured 30.0 (EMA) and 36.7 (raw) on digits 0-4 (chance 20) after 22 steps
+    assert metrics["val_top1_ema"] >= 25 and metrics["val_top1_raw"] >= 30
     resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
-    assert resolved["resolved"]["lr"] == pytest.approx(0.4 * 64 / 256)
+    assert resolved["resolved"]["lr"] == pytest.approx(1.2 * 64 / 256)
     assert resolved["overrides"] == TINY
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pth"))   # weights: safetensors only
     assert (out / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
@@ -80,7 +82,9 @@ def test_evaluate_metrics_and_plots(chain):
     m = json.loads((out / "metrics.json").read_text())
     n_val = read_manifest(chain["shards"]["finetune"])["splits"]["val"]["num_samples"]
     assert m["num_samples"] == n_val and m["weights"] == "ema" and "raw" in m
-    assert 0 <= m["top1"] <= m["top5"] <= 100 and m["nll"] > 0 and 0 <= m["ece"] <= 1
+    # measured 44.1 top-1 on digits 5-9 (chance 20) after 2 epochs of fine-tuning
+    assert 35 <= m["top1"] <= m["top5"] <= 100 and m["top5"] >= 90
+    assert 0 < m["nll"] < 1.6 and 0 <= m["ece"] <= 1        # 1.6 = ln 5: better than uniform
     for f in ("per_class.csv", "confusion.csv", "calibration.csv", "evaluation.png"):
         assert (out / "plots" / f).stat().st_size > 0
     assert "ema" in chain["evaluate"].stdout and "top1" in chain["evaluate"].stdout

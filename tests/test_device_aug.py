@@ -10,9 +10,9 @@ from sklearn.datasets import load_sample_image
 from timm.data.auto_augment import _RAND_TRANSFORMS
 
 from conftest import ROOT
-from pipeline.data.device_aug import DeviceAugment, pack_jpegs
+from pipeline.data.device_aug import DeviceAugment
 from pipeline.data.manifest import load_split
-from pipeline.data.reader import Cursor, TrainStreams, concat_batches
+from pipeline.data.reader import Cursor, TrainStreams, concat_batches, pack_jpegs
 from pipeline.data.transforms import train_transform
 from pipeline.recipe import load_recipe
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_stage
+from conftest import ONE_THREAD, ROOT, run, run_stage, torchrun
 from pipeline.data.manifest import load_split
 from pipeline.data.reader import open_shard
 
@@ -22,13 +22,8 @@ BASE = ["pretrain.train_res=32", "pretrain.test_res=32", "pretrain.global_batch=
         "pretrain.clip_factor=0.01", "pretrain.loader.shuffle_block=64"]
 
 
-def torchrun(nproc, *args, timeout=600, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "stages" / "pretrain.py"), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return p
+def pretrain_torchrun(nproc, *args, timeout=600, env=None):
+    return torchrun(nproc, "stages/pretrain.py", *args, timeout=timeout, env=env)
 
 
 def read_keys(folder: Path) -> dict[int, list[dict]]:
@@ -58,7 +53,8 @@ def assert_same_weights(a, b, atol):
 def test_two_processes_read_each_sample_once_with_equal_batches(demo_shards, tmp_path):
     split = load_split(demo_shards["pretrain"], "train")
     # one epoch: 2 ranks x 1 worker = 2 streams of 360; micro-batch 8 -> sub-batch 8; 45 steps
-    torchrun(2, "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), "--out", str(tmp_path / "run"),
+    pretrain_torchrun(2, "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
+             "--out", str(tmp_path / "run"),
              "--log-samples", str(tmp_path / "keys"), *BASE, "pretrain.global_batch=16",
              "pretrain.micro_batch=8", "pretrain.steps=45", "pretrain.epochs=null",
              "pretrain.warmup_steps=2", "pretrain.warmup_epochs=null", "pretrain.loader.num_workers=1")
@@ -76,7 +72,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(demo_shards, tmp_p
               "pretrain.epochs=1", "pretrain.augment.crop_scale=[0.6,1.0]"]
     run_stage("pretrain", *common, "--out", str(tmp_path / "one"), "pretrain.micro_batch=32",
               "pretrain.loader.num_workers=2")
-    torchrun(2, *common, "--out", str(tmp_path / "two"), "pretrain.micro_batch=16",
+    pretrain_torchrun(2, *common, "--out", str(tmp_path / "two"), "pretrain.micro_batch=16",
              "pretrain.loader.num_workers=1")
     # 22 steps of SGD + AGC; float32 reduction order differs between 1 and 2 processes
     # (measured: 3e-8 max abs difference on the 2-core CI machine)
@@ -110,8 +106,10 @@ def test_sigkill_and_resume_gives_the_same_weights_and_samples(demo_shards, tmp_
     common = ["--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), *BASE,
               "pretrain.epochs=3", "pretrain.checkpoint_every=10", "pretrain.keep_checkpoints=3",
               "pretrain.micro_batch=16", "pretrain.loader.num_workers=2"]
-    run_stage("pretrain", *common, "--out", str(tmp_path / "full"), "--log-samples", str(tmp_path / "k_full"))
-    _kill_after_checkpoint([*common, "--out", str(tmp_path / "cut"), "--log-samples", str(tmp_path / "k_cut")],
+    run_stage("pretrain", *common, "--out", str(tmp_path / "full"),
+              "--log-samples", str(tmp_path / "k_full"))
+    _kill_after_checkpoint([*common, "--out", str(tmp_path / "cut"),
+                            "--log-samples", str(tmp_path / "k_cut")],
                            tmp_path / "cut" / "checkpoints", step=30)
     assert not (tmp_path / "cut" / "model").exists()
     resumed = run_stage("pretrain", *common, "--out", str(tmp_path / "cut"),
@@ -132,7 +130,7 @@ def test_resume_a_one_process_checkpoint_on_two_processes(demo_shards, tmp_path)
     run_stage("pretrain", *common, *one, "--out", str(tmp_path / "full"))
     _kill_after_checkpoint([*common, *one, "--out", str(tmp_path / "mixed")],
                            tmp_path / "mixed" / "checkpoints", step=20)
-    p = torchrun(2, *common, *two, "--out", str(tmp_path / "mixed"))
+    p = pretrain_torchrun(2, *common, *two, "--out", str(tmp_path / "mixed"))
     assert "resumed from" in p.stdout
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "mixed"), atol=1e-5)
 
@@ -143,8 +141,6 @@ def test_runs_under_accelerate_launch(demo_shards, tmp_path):
            str(ROOT / "stages" / "pretrain.py"), "--recipe", RECIPE, "--shards",
            str(demo_shards["pretrain"]), "--out", str(tmp_path), *BASE, "pretrain.epochs=1",
            "pretrain.micro_batch=32", "pretrain.eval_every=0"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-4000:]
+    run(cmd, env=ONE_THREAD)
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 22
     assert (tmp_path / "model" / "ema.safetensors").is_file()

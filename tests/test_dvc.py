@@ -1,39 +1,21 @@
 """`dvc repro` on a fresh copy of the project: the whole demo chain, as the README's quick start
 runs it, with its metrics checked against the figure the README states."""
 import json
-import os
-import shutil
-import subprocess
 
 import pytest
 
-from conftest import ROOT
-
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
-       "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
-       "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com"}
+from conftest import copy_project, run
 
 
 def sh(*cmd, cwd, timeout=1200):
-    p = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    p = run(cmd, cwd=cwd, timeout=timeout)
     return p.stdout + p.stderr
 
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """A fresh clone-like copy: the project's tracked and unignored files, committed to git."""
-    dst = tmp_path_factory.mktemp("clone") / "project"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    sh("git", "init", "-q", cwd=dst)
-    sh("git", "add", "-A", cwd=dst)
-    sh("git", "commit", "-qm", "clone", cwd=dst)
-    return dst
+    return copy_project(tmp_path_factory.mktemp("clone") / "project")
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +61,22 @@ def test_one_command_switches_the_chain_to_another_recipe_and_data(clone, repro)
     assert f"stages/shard.py --recipe recipes/f1.yaml --source {src / 'pretrain'}" in out
     assert f"stages/shard.py --recipe recipes/f1.yaml --source {src / 'finetune'}" in out
     assert "variant: demo" in (clone / "params.yaml").read_text()     # the workspace stays the demo
+
+
+def test_editing_the_publishing_code_leaves_the_training_stages_up_to_date(clone, repro):
+    """Each stage depends on the code it runs (dvc.yaml): a change to the model card marks only
+    publish stale, so `dvc repro` never re-shards or retrains for it."""
+    def stale() -> set[str]:
+        status = json.loads(sh("dvc", "status", "--json", "dvc.yaml", cwd=clone))
+        return set(status)
+
+    before = stale()          # other tests here may have re-run evaluate (publish then follows)
+    card = clone / "pipeline" / "model_card.py"
+    original = card.read_text()
+    try:
+        card.write_text(original + "\n# an edit\n")
+        after = stale()
+    finally:
+        card.write_text(original)
+    assert "publish" in after and after - before <= {"publish"}, (before, after)
+    assert not after & {"shard@pretrain", "shard@finetune", "pretrain", "finetune", "evaluate"}

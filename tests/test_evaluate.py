@@ -4,9 +4,6 @@ import csv
 import io
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import ROOT, run_stage
+from conftest import ONE_THREAD, ROOT, run_stage, torchrun
 from pipeline.checkpoint import model_config, save_model_dir
 from pipeline.data.manifest import load_split, write_manifest
 from pipeline.data.reader import EvalShards, make_loader
@@ -24,7 +21,6 @@ from pipeline.evaluate import eval_settings
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}     # 2 shared cores: no oversubscription
 
 
 def write_shards(root: Path, labels: list[int], class_names: list[str], per_shard: int) -> None:
@@ -177,7 +173,8 @@ def test_metrics_equal_a_timm_validate_loop(probe_model, demo_shards, tmp_path):
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["weights"] == "raw" and "ema" not in m         # the folder has no EMA weights
     assert (m["test_res"], m["crop_pct"], m["interpolation"]) == (40, 0.8, "bilinear")
-    ours = np.array(json.loads((tmp_path / "eval" / "plots" / "details.json").read_text())["raw"]["confusion"])
+    details = json.loads((tmp_path / "eval" / "plots" / "details.json").read_text())
+    ours = np.array(details["raw"]["confusion"])
 
     theirs, top5 = timm_validate(probe_model, shards)
     n = int(theirs.sum())
@@ -193,7 +190,8 @@ def test_metrics_equal_a_timm_validate_loop(probe_model, demo_shards, tmp_path):
               "evaluate.crop_pct=1.0", env=ONE_THREAD)
     m32 = json.loads((tmp_path / "eval32" / "metrics.json").read_text())
     assert (m32["test_res"], m32["crop_pct"]) == (32, 1.0)
-    ours32 = np.array(json.loads((tmp_path / "eval32" / "plots" / "details.json").read_text())["raw"]["confusion"])
+    details32 = json.loads((tmp_path / "eval32" / "plots" / "details.json").read_text())
+    ours32 = np.array(details32["raw"]["confusion"])
     theirs32, _ = timm_validate(probe_model, shards, {"input_size": (3, 32, 32), "crop_pct": 1.0})
     assert (ours32 == theirs32).all()
     assert not (ours32 == ours).all()
@@ -205,11 +203,7 @@ def test_two_processes_predict_each_sample_once_with_the_same_metrics(probe_mode
     common = ["--recipe", RECIPE, "--model", str(probe_model), "--shards", str(demo_shards["finetune"]),
               "evaluate.batch=16", "evaluate.num_workers=2"]
     run_stage("evaluate", *common, "--out", str(tmp_path / "one"), env=ONE_THREAD)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "stages" / "evaluate.py"), *common, "--out", str(tmp_path / "two")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **ONE_THREAD})
-    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    p = torchrun(2, "stages/evaluate.py", *common, "--out", str(tmp_path / "two"), timeout=300)
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert one["num_samples"] == two["num_samples"] == 179

@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import LABELS, ROOT, files_in, publish_section, tiny_model_dir
 from pipeline.checkpoint import load_model_dir, model_config, save_model_dir
 from pipeline.export import (
     PublishError,
@@ -21,29 +21,9 @@ from pipeline.export import (
     metrics_for,
 )
 from pipeline.io import sha256_file
-from pipeline.recipe import PublishSection, load_recipe
 from pipeline.variants import build_model, count_params
 
 RECIPE = ROOT / "recipes" / "demo.yaml"
-LABELS = ["5", "6", "7", "8", "9"]
-
-
-def files_in(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-
-
-def publish_section(*overrides: str) -> PublishSection:
-    return load_recipe(RECIPE, list(overrides)).publish
-
-
-def tiny_model_dir(folder: Path, seed: int = 0) -> Path:
-    """A tiny NFNet model folder as the finetune stage of the demo writes it (train 32 px, test
-    40 px, squash crop 1.0), untrained; its EMA weights differ from the raw ones."""
-    model, arch, args = build_model("tiny", len(LABELS), seed=seed)
-    ema, _, _ = build_model("tiny", len(LABELS), seed=seed + 1)
-    config = model_config(model, arch, args, LABELS, 32, 40, 1.0, "bicubic",
-                          {"variant": "tiny", "recipe": "demo"}, "squash")
-    return save_model_dir(folder, model, ema, config)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run_stage
+from conftest import ONE_THREAD, ROOT, run_stage
 from pipeline.recipe import load_recipe
 from pipeline.transfer import build_finetune_model, load_init
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}     # 2 shared cores: no oversubscription
 # pretraining at 40 px reaches ~89% val top-1 on digits 0-4 in 6 epochs (a few seconds)
 PRETRAIN = ["pretrain.epochs=6", "pretrain.lr_base=1.2", "pretrain.train_res=40",
             "pretrain.test_res=40", "pretrain.trackers=[]"]
@@ -77,7 +76,8 @@ def test_raw_init_and_frozen_modules_stay_bit_identical(pretrained, demo_shards,
                  "finetune.init.freeze=[stem,stages.0]", "finetune.steps=6", "finetune.epochs=null",
                  "finetune.warmup_steps=1", "finetune.warmup_epochs=null", "finetune.train_res=48",
                  "finetune.test_res=48", "finetune.trackers=[]")
-    raw, ema = load_file(str(pretrained / "model.safetensors")), load_file(str(pretrained / "ema.safetensors"))
+    raw = load_file(str(pretrained / "model.safetensors"))
+    ema = load_file(str(pretrained / "ema.safetensors"))
     frozen = [k for k in raw if k.startswith(("stem.", "stages.0."))]
     assert frozen and any(not torch.equal(raw[k], ema[k]) for k in frozen)   # raw != EMA there
     params = dict(load_init(str(pretrained), "raw").state)

@@ -1,9 +1,8 @@
 """The publish stage on a real tiny trained model (shard -> pretrain -> finetune -> evaluate, at
 32-40 px): the folder timm loads, its recipes, sums and card, the lineage notes, the refusals and
 their exit codes, the Hub unreachable for real, and the Hub flags and errors through the stage
-(HfApi's network methods replaced by tests/test_hub.py's recording fake). The library parts on
+(HfApi's network methods replaced by tests/fakehub.py's recording fake). The library parts on
 their own: tests/test_export.py, test_model_card.py, test_hub.py."""
-import importlib.util
 import json
 import shutil
 
@@ -11,24 +10,18 @@ import pytest
 import timm
 import torch
 import yaml
+from fakehub import SECRET, FakeHub, http_error
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
-from test_export import files_in
-from test_hub import SECRET, FakeHub, http_error
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, files_in, run_stage, stage_main
 from pipeline.checkpoint import load_model_dir
 from pipeline.io import sha256_file
-from pipeline.lineage import evaluation_notes, lineage_recipes, missing_recipe_notes
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 FILES = {"model.safetensors", "config.json", "README.md", "metrics.json", "SHA256SUMS",
          "recipes/pretrain.resolved.yaml", "recipes/finetune.resolved.yaml",
          "recipes/publish.resolved.yaml"}
-
-_spec = importlib.util.spec_from_file_location("publish_stage", ROOT / "stages" / "publish.py")
-STAGE = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(STAGE)
 
 
 def publish(trained, out, *args, metrics=True, model=None) -> int:
@@ -36,10 +29,7 @@ def publish(trained, out, *args, metrics=True, model=None) -> int:
     argv = ["--recipe", RECIPE, "--model", str(model or trained["model"]), "--out", str(out),
             *(["--metrics", str(metrics if metrics is not True else trained["metrics"])]
               if metrics else []), *args]
-    try:
-        return STAGE.main(argv)
-    except SystemExit as e:
-        return e.code
+    return stage_main("publish", argv)
 
 
 @pytest.fixture(scope="module")
@@ -238,50 +228,6 @@ def test_push_refusals_exit_2_and_4_with_the_folder_complete(trained, tmp_path, 
     err = capsys.readouterr().err
     assert "refused (401)" in err and "HF_TOKEN" in err and "local folder" in err
     assert files_in(tmp_path / "pub401") == FILES
-
-
-# ------------------------------------------------------------------------------------------------
-# Lineage: the recipes found from the model folder, and the notes on what is missing or differs
-# ------------------------------------------------------------------------------------------------
-
-def model_folder(run, init=None, stage=None, test_res=40, crop_pct=1.0):
-    """`<run>/model/config.json` as far as the lineage reads it, and with `stage` the run's
-    `<run>/recipe.resolved.yaml`."""
-    (run / "model").mkdir(parents=True)
-    config = {"pretrained_cfg": {"test_input_size": [3, test_res, test_res],
-                                 "test_crop_pct": crop_pct},
-              "nfnet_pipeline": {"init": str(init)} if init else {}}
-    (run / "model" / "config.json").write_text(json.dumps(config))
-    if stage:
-        (run / "recipe.resolved.yaml").write_text(yaml.safe_dump({"name": "demo", stage: {}}))
-    return run / "model", config
-
-
-def test_lineage_notes_name_a_missing_recipe_and_a_different_test_setting(tmp_path):
-    moved, _ = model_folder(tmp_path / "moved-pretrain")                    # no recipe next to it
-    model, config = model_folder(tmp_path / "finetune", init=moved, stage="finetune")
-    found = lineage_recipes(model, config)
-    assert found == {"finetune": tmp_path / "finetune" / "recipe.resolved.yaml"}
-    assert missing_recipe_notes(model, config, found) == [
-        f"no pretrain recipe.resolved.yaml found from {model}; the card will not describe that "
-        f"run (pass --pretrain-recipe)"]
-    pre, _ = model_folder(tmp_path / "pretrain", stage="pretrain")
-    model, config = model_folder(tmp_path / "finetune2", init=pre, stage="finetune")
-    found = lineage_recipes(model, config)
-    assert set(found) == {"pretrain", "finetune"} and not missing_recipe_notes(model, config, found)
-    scratch, config = model_folder(tmp_path / "scratch", init="none:tiny")     # no pre-training run
-    assert missing_recipe_notes(scratch, config, {}) == [
-        f"no finetune recipe.resolved.yaml found from {scratch}; the card will not describe "
-        f"that run"]
-
-    assert evaluation_notes(config, {"test_res": 48, "crop_pct": 1.0}) == [
-        "evaluated with test_res=48 (the model folder says 40); config.json records the "
-        "evaluated setting"]
-    assert evaluation_notes(config, {"test_res": 40, "crop_pct": 0.875}) == [
-        "evaluated with crop_pct=0.875 (the model folder says 1.0); config.json records the "
-        "evaluated setting"]
-    assert evaluation_notes(config, {"test_res": 40, "crop_pct": 1.0}) == []
-    assert evaluation_notes(config, None) == []
 
 
 def test_the_stage_prints_the_lineage_notes_and_takes_pretrain_recipe(trained, tmp_path, capsys):

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from pipeline.data.manifest import load_split
-from pipeline.data.reader import (Cursor, EvalShards, StreamLayout, TrainStreams, advance,
-                                  make_loader, micro_batches, rescale_cursor, shard_order)
+from pipeline.data.reader import (
+    Cursor,
+    EvalShards,
+    StreamLayout,
+    TrainStreams,
+    advance,
+    make_loader,
+    micro_batches,
+    rescale_cursor,
+    shard_order,
+)
 from pipeline.data.transforms import eval_transform
 
 TRANSFORM = eval_transform(16, 1.0, "bilinear")
@@ -80,9 +89,9 @@ def test_global_batches_do_not_depend_on_how_streams_map_to_processes(split):
 
 
 def test_images_are_augmented_identically_wherever_they_are_read(split):
+    from conftest import ROOT
     from pipeline.data.transforms import train_transform
     from pipeline.recipe import load_recipe
-    from conftest import ROOT
     aug = load_recipe(ROOT / "recipes" / "demo.yaml").pretrain.augment
     kw = dict(seed=3, block=50)
 

@@ -1,13 +1,11 @@
 """The pinned F-variant recipes against the paper's table and against each other."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
-from pipeline.recipe import load_recipe, to_dict
+from conftest import ROOT, run_stage
 from pipeline.plan import make_plan
+from pipeline.recipe import load_recipe, to_dict
 from pipeline.variants import VARIANTS, get_variant
 
 # The paper / DeepMind table, written out independently of pipeline/variants.py:
@@ -67,7 +65,8 @@ def test_recipe_pins_the_papers_imagenet_recipe(recipes, name):
     assert p.sam_rho == (0.05 if name in ("f5", "f6") else None)
     f = r.finetune
     assert f.train_res > p.train_res and f.test_res == v.test_res       # higher resolution
-    assert (f.steps, f.warmup_steps, f.global_batch, f.lr_base, f.weight_decay) == (15000, 5000, 2048, 0.1, 1e-5)
+    assert (f.steps, f.warmup_steps, f.global_batch, f.lr_base, f.weight_decay) == \
+        (15000, 5000, 2048, 0.1, 1e-5)
     assert (f.model.drop_rate, f.model.drop_path_rate, f.sam_rho) == (0.25, 0.1, 0.05)
     assert not f.lr_batch_scaling and f.init.head_init == "zeros"
     for section in (p, f):                # the per-GPU batch splits the global batch on 1-64 GPUs
@@ -115,10 +114,8 @@ def test_f4plus_is_the_large_scale_recipe():
 @pytest.mark.parametrize("name,stage", [("f0", "pretrain"), ("f6", "pretrain"), ("f4plus", "finetune")])
 def test_dry_run_json_without_shards(name, stage):
     extra = ["--init", "none:f6"] if stage == "finetune" else []
-    p = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--recipe",
-                        str(ROOT / "recipes" / f"{name}.yaml"), *extra, "--dry-run", "json",
-                        "--processes", "8"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    p = run_stage(stage, "--recipe", str(ROOT / "recipes" / f"{name}.yaml"), *extra,
+                  "--dry-run", "json", "--processes", "8", timeout=300)
     plan = json.loads(p.stdout.strip().splitlines()[-1])
     if stage == "pretrain":
         assert plan["total_steps"] == 112602 and plan["lr"] == pytest.approx(1.6)
@@ -127,5 +124,6 @@ def test_dry_run_json_without_shards(name, stage):
     else:
         assert plan["total_steps"] == 15000 and plan["lr"] == 0.1 and "2 forward-backward" in plan["sam"]
     if name == "f0":
-        assert plan["parameters"] == 71_489_284 and plan["train_gflops_per_image"] == pytest.approx(60.4, abs=0.1)
+        assert plan["parameters"] == 71_489_284
+        assert plan["train_gflops_per_image"] == pytest.approx(60.4, abs=0.1)
     assert {"clip_factor", "augmentation", "ema_decay", "micro_batch_per_device"} <= set(plan)

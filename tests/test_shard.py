@@ -7,7 +7,6 @@ the exit code is the point), then reads the tars back with webdataset.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -23,7 +22,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, stage_main
 from pipeline.data.folder_source import FolderSplit
 from pipeline.data.manifest import read_manifest
 from pipeline.data.source import NameTable, Source
@@ -32,10 +31,6 @@ from pipeline.data.verify import verify
 from pipeline.data.writer import permutation, plan_split
 from pipeline.io import sha256_file
 from pipeline.recipe import load_recipe
-
-_spec = importlib.util.spec_from_file_location("shard_stage", ROOT / "stages" / "shard.py")
-STAGE = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(STAGE)
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 CLASSES = ("cat", "dog", "owl")                 # folder names; class index = sorted order
@@ -92,11 +87,8 @@ BASE = ["shard.shard_size=5", "shard.max_size=40", "shard.jpeg_quality=95", "sha
 
 
 def main(argv: list[str]) -> int:
-    """The stage's exit code, in-process: errors exit through pipeline.cli.fail (SystemExit)."""
-    try:
-        return STAGE.main(argv)
-    except SystemExit as e:
-        return e.code
+    """The shard stage's exit code, in-process."""
+    return stage_main("shard", argv)
 
 
 def shard(src, out, *extra, workers=1) -> int:

@@ -3,7 +3,6 @@ val, Hugging Face datasets (save_to_disk and parquet; the Hub path offline), re-
 tars, and the refusal of an --out inside the source."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -14,15 +13,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, run_stage, stage_main
 from pipeline.data.manifest import read_manifest
 from pipeline.data.source import SourceError
 from pipeline.data.sources import open_source
 from pipeline.recipe import load_recipe
-
-_spec = importlib.util.spec_from_file_location("shard_stage", ROOT / "stages" / "shard.py")
-STAGE = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(STAGE)
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 WNIDS = ("n01440764", "n01443537", "n01484850")         # sorted: class index 0, 1, 2
@@ -48,11 +43,8 @@ def samples(out: Path, split: str) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    """The stage's exit code, in-process: errors exit through pipeline.cli.fail (SystemExit)."""
-    try:
-        return STAGE.main(argv)
-    except SystemExit as e:
-        return e.code
+    """The shard stage's exit code, in-process."""
+    return stage_main("shard", argv)
 
 
 def run(source, out, *extra) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -153,18 +152,3 @@ class DeviceAugment:
         inside = y[:, 3:4].clamp(0, 1)
         out = y[:, :3] + (1 - inside) * self.fill.view(1, 3, 1, 1)
         return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def pack_jpegs(raws: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Many JPEGs as one uint8 tensor + offsets: one shared-memory transfer per batch."""
-    sizes = [len(r) for r in raws]
-    offsets = torch.zeros(len(raws) + 1, dtype=torch.long)
-    offsets[1:] = torch.tensor(sizes, dtype=torch.long).cumsum(0)
-    buf = torch.frombuffer(bytearray(b"".join(raws)), dtype=torch.uint8) if raws else \
-        torch.empty(0, dtype=torch.uint8)
-    return buf, offsets
-
-
-def maybe_device_augment(decode: str, res: int, augment: AugmentSection,
-                         device: torch.device) -> Optional[DeviceAugment]:
-    return DeviceAugment(res, augment, device) if decode == "device" else None

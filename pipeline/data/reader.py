@@ -38,7 +38,6 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.device_aug import pack_jpegs
 from pipeline.data.manifest import SplitInfo
 
 
@@ -296,6 +295,16 @@ class TrainStreams(IterableDataset):
                        "key": keys, "index": torch.tensor(index), "seed": seeds}
             else:
                 yield _to_batch(images, labels, keys, index)
+
+
+def pack_jpegs(raws: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Many JPEGs as one uint8 tensor + offsets: one shared-memory transfer per batch."""
+    sizes = [len(r) for r in raws]
+    offsets = torch.zeros(len(raws) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(sizes, dtype=torch.long).cumsum(0)
+    buf = torch.frombuffer(bytearray(b"".join(raws)), dtype=torch.uint8) if raws else \
+        torch.empty(0, dtype=torch.uint8)
+    return buf, offsets
 
 
 def _label(raw: dict) -> int:

@@ -1,0 +1,81 @@
+"""Command-line plumbing of the two training stages (pretrain, finetune): their shared flags, the
+training data they read, the plan / --dry-run, and running the job with the exit codes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline import runtime, train
+from pipeline.cli import fail
+from pipeline.data.manifest import ManifestError, load_split, manifest_path, read_manifest
+from pipeline.io import sha256_file
+from pipeline.plan import Plan, dry_run_report, make_plan
+from pipeline.recipe import TrainSection
+
+
+def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
+    """The options pretrain and finetune share: data, output, resume, dry run, audits."""
+    ap.add_argument("--shards", type=Path, help="shard folder with _info.json (train split)")
+    ap.add_argument("--shard-url", metavar="TEMPLATE",
+                    help="read the tars from object storage / HTTP, e.g. "
+                         "'pipe:aws s3 cp s3://bucket/shards/{name} -' (manifest from --shards)")
+    ap.add_argument("--out", type=Path, default=Path(f"runs/{stage}"), help="output folder")
+    ap.add_argument("--resume", default="auto",
+                    help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
+    ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
+                    help="print the resolved plan and exit (no training, shards optional)")
+    ap.add_argument("--log-samples", type=Path, metavar="DIR",
+                    help="write the sample keys each process trains on to DIR/rank<N>.jsonl (audits)")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="processes to plan for with --dry-run (default: this launch)")
+
+
+def training_data(args: argparse.Namespace, section: TrainSection, stage: str
+                  ) -> tuple[list[str], int]:
+    """(class names, train sample count) from the shards, or from the recipe for a dry run."""
+    if args.shards is not None:
+        try:
+            info = read_manifest(args.shards)
+            split = load_split(args.shards, "train", args.shard_url)
+        except ManifestError as e:
+            fail(str(e))
+        names = info.get("class_names") or range(split.num_classes)
+        return [str(c) for c in names], split.num_samples
+    if args.dry_run:
+        if section.expected_samples is None:
+            fail(f"--dry-run without --shards needs {stage}.expected_samples in the recipe")
+        return [str(i) for i in range(1000)], section.expected_samples
+    fail("--shards is required (the output folder of the shard stage)")
+
+
+def data_lineage(args: argparse.Namespace) -> dict:
+    """Where the training data came from, for the resolved recipe (and the model card)."""
+    return {"shards": str(args.shards), "shard_url": args.shard_url,
+            "manifest_sha256": sha256_file(manifest_path(args.shards))}
+
+
+def train_and_finish(job: train.Job) -> int:
+    """Run a training job (pipeline.train: checkpoints, model folder, metrics.json); a NaN loss
+    exits with 1."""
+    try:
+        train.run(job)
+    except train.NonFiniteLoss as e:
+        fail(str(e), code=1)
+    return 0
+
+
+def plan_or_exit(args: argparse.Namespace, section: TrainSection, stage: str, num_samples: int,
+                 model, config: dict) -> Plan:
+    """The run's plan; with --dry-run, print it and exit 0. A plan that cannot work exits 2."""
+    processes = args.processes if args.dry_run and args.processes else runtime.num_processes()
+    if processes < 1:
+        fail(f"--processes {processes}: give a positive number of processes")
+    try:
+        plan = make_plan(section, num_samples, processes)
+    except ValueError as e:
+        fail(f"{args.recipe}: {stage}: {e}")
+    if args.dry_run:
+        print(dry_run_report(plan, section, model, config, args.dry_run))
+        sys.exit(0)
+    return plan

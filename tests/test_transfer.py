@@ -1,0 +1,75 @@
+"""pipeline/transfer.py without training: where fine-tuning starts from, the head kept or replaced,
+frozen modules, the weights-fit check, and the lineage and resolution notes for the log."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import ROOT, tiny_model_dir
+from pipeline import checkpoint as ckpt
+from pipeline.recipe import load_recipe
+from pipeline.transfer import (
+    build_finetune_model,
+    finetune_lineage,
+    freeze,
+    head_name,
+    load_init,
+    resolution_note,
+)
+from pipeline.variants import build_model
+
+RECIPE = ROOT / "recipes" / "demo.yaml"
+
+
+def section(*overrides):
+    return load_recipe(RECIPE, list(overrides)).finetune
+
+
+def test_same_labels_keep_the_head_other_labels_get_a_zero_head(tmp_path):
+    folder = tiny_model_dir(tmp_path / "model")                       # labels 5..9, EMA != raw
+    src = load_init(str(folder), "raw")
+    kept, messages = build_finetune_model(src, list("56789"), section())
+    assert torch.equal(kept.head.fc.weight, src.state["head.fc.weight"])
+    assert any(m.startswith("head kept (head.fc)") for m in messages)
+    new, messages = build_finetune_model(src, list("abc"), section())
+    assert new.head.fc.weight.shape == (3, 256) and not new.head.fc.weight.any()
+    assert any("new head (head.fc, 3 classes)" in m for m in messages)
+    assert torch.equal(new.stem.conv1.weight, src.state["stem.conv1.weight"])   # body loaded
+
+
+def test_weights_that_do_not_fit_name_the_file_and_the_tensors(tmp_path):
+    folder = tiny_model_dir(tmp_path / "model")
+    model, _, _ = build_model("tiny", 5, seed=0)
+    state = {k: v for k, v in model.state_dict().items() if k != "stem.conv1.weight"}
+    state["stem.conv1.weight"] = torch.zeros(1, 1, 1, 1)
+    save_file(state, str(folder / "ema.safetensors"))
+    with pytest.raises(ckpt.CheckpointError, match=r"do not fit.*wrong shape \['stem.conv1.weight"):
+        build_finetune_model(load_init(str(folder)), list("56789"), section())
+
+
+def test_freeze_stops_gradients_under_the_prefixes_and_names_the_modules_otherwise():
+    model, _, _ = build_model("tiny", 5)
+    count = freeze(model, ["stem", "stages.0"])
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert count == sum(p.numel() for n, p in model.named_parameters() if n in frozen) > 0
+    assert all(n.startswith(("stem.", "stages.0.")) for n in frozen)
+    with pytest.raises(ValueError, match="no parameters under 'stages.9'.*stem, stages.0"):
+        freeze(model, ["stages.9"])
+    assert head_name(model) == "head.fc"
+
+
+def test_lineage_keeps_the_init_facts_and_drops_its_run_identity():
+    init_config = {"pretrained_cfg": {"input_size": [3, 48, 48]},
+                   "nfnet_pipeline": {"variant": "tiny", "stage": "pretrain", "step": 337,
+                                      "fingerprint": "abc", "recipe": "demo"}}
+    lineage = finetune_lineage(init_config, "runs/pretrain/model", "ema", "demo")
+    assert lineage == {"variant": "tiny", "recipe": "demo", "init": "runs/pretrain/model",
+                       "init_weights": "ema", "init_res": 48}
+
+
+def test_resolution_note_says_when_fine_tuning_does_not_raise_the_resolution():
+    cfg = {"pretrained_cfg": {"input_size": [3, 48, 48]}}
+    up = resolution_note(cfg, section("finetune.train_res=64"))
+    assert up == "resolution: pretrained at 48 px -> fine-tuning at 64 px, testing at 64 px"
+    same = resolution_note(cfg, section("finetune.train_res=48"))
+    assert same.endswith("(not above the pretraining resolution: the paper's transfer raises it)")
+    assert resolution_note({"pretrained_cfg": {}}, section()) is None
