@@ -6,6 +6,10 @@
 - a folder written by our publish stage (config.json + model.safetensors, no ema.safetensors): its
   one set of weights is used whatever `init.weights` says (publish already chose EMA or raw);
 - `timm:<architecture>=<weights.safetensors>`: any timm model with local weights (no download);
+- `hf-hub:<org>/<name>`: a model on the Hugging Face Hub in timm's format, e.g. DeepMind's F0 as
+  timm ships it, `hf-hub:timm/dm_nfnet_f0.dm_in1k`, through timm and huggingface_hub's download
+  and cache (offline, HF_HUB_OFFLINE=1, from a filled cache);
+- `dm:<F0_haiku.npz>`: DeepMind's own released checkpoint (pipeline/dm_checkpoint.py);
 - `none:<variant>`: a randomly initialised variant, the from-scratch baseline.
 
 The pretrained head is kept only when the target label set is the same (same class names, or the
@@ -14,6 +18,7 @@ initialised as the recipe says (zeros, as in DeepMind's fine-tuning code).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpoint as ckpt
+from pipeline.dm_checkpoint import DeepMindCheckpointError, infer_variant, read_params, to_timm_state
 from pipeline.io import sha256_file
 from pipeline.recipe import FinetuneSection
 from pipeline.variants import VARIANTS, build_model, set_stochastic_depth
@@ -50,11 +56,16 @@ def load_init(init: str, weights: str = "ema", seed: int = 0) -> InitSource:
         return scratch_init(init[len("none:"):], seed)
     if init.startswith("timm:"):
         return timm_init(init)
+    if init.startswith("hf-hub:"):
+        return hub_init(init[len("hf-hub:"):])
+    if init.startswith("dm:"):
+        return deepmind_init(init[len("dm:"):])
     folder = Path(init)
     if not folder.is_dir():
         raise ckpt.CheckpointError(
             f"'{init}' is not a folder. Give a model folder (runs/pretrain/model), a published "
-            f"folder, timm:<architecture>=<weights.safetensors>, or none:<variant>")
+            f"folder, timm:<architecture>=<weights.safetensors>, hf-hub:<org>/<name>, "
+            f"dm:<F0_haiku.npz> or none:<variant>")
     config = ckpt.read_model_config(folder)
     path, label, message = ckpt.model_weights(folder, weights)
     state = load_file(str(path))
@@ -87,6 +98,62 @@ def timm_init(init: str) -> InitSource:
     state = load_file(path)
     _fill_num_classes(config, state)
     return InitSource(config, state, ckpt.fingerprint(arch, sha256_file(path)), Path(path).name)
+
+
+def hub_init(repo: str) -> InitSource:
+    """A timm model from the Hugging Face Hub (`org/name`), through timm (architecture, weights)
+    and huggingface_hub (download, cache; HF_HUB_OFFLINE=1 reads the cache only)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        config_file = Path(hf_hub_download(repo, "config.json"))
+        with torch.random.fork_rng(devices=[]):
+            model = timm.create_model(f"hf-hub:{repo}", pretrained=True)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+        why = (f"it is not in the Hugging Face cache {HF_HUB_CACHE}" +
+               (" (HF_HUB_OFFLINE=1: the Hub is not asked)" if HF_HUB_OFFLINE else
+                " and the Hub did not give it"))
+        raise ckpt.CheckpointError(
+            f"hf-hub:{repo}: {why} ({type(e).__name__}). Download it once where the Hub can be "
+            f"reached (`hf download {repo}`), or set HF_HUB_CACHE to a cache that holds it") from None
+    hub_cfg = json.loads(config_file.read_text())
+    arch = hub_cfg.get("architecture", model.default_cfg.get("architecture"))
+    pc = {k: v for k, v in model.pretrained_cfg.items()
+          if isinstance(v, (str, int, float, tuple, list))}
+    config = {"architecture": arch, "model_args": hub_cfg.get("model_args", {}),
+              "num_classes": model.num_classes, "label_names": hub_cfg.get("label_names") or [],
+              "pretrained_cfg": pc, "nfnet_pipeline": {"variant": arch, "hub": repo}}
+    revision = config_file.parent.name                  # the snapshot's commit hash
+    return InitSource(config, model.state_dict(), ckpt.fingerprint("hf-hub", repo, revision),
+                      f"hf-hub:{repo}@{revision[:12]}",
+                      [f"from the Hugging Face Hub: {repo} (revision {revision[:12]}, cached "
+                       f"at {config_file.parent})"])
+
+
+def deepmind_init(path: str) -> InitSource:
+    """DeepMind's released haiku checkpoint (F0..F6), in our layout, as the variant it is."""
+    try:
+        params = read_params(path)
+        variant = infer_variant(params)
+        v = VARIANTS[variant]
+        state = to_timm_state(params, v.depths)
+    except DeepMindCheckpointError as e:
+        raise ckpt.CheckpointError(f"dm:{path}: {e}") from None
+    num_classes = int(state["head.fc.weight"].shape[0])
+    model, arch, model_args = build_model(variant, num_classes, device="meta")
+    problem = ckpt.weights_mismatch(model, state)
+    if problem is not None:
+        raise ckpt.CheckpointError(f"dm:{path}: the parameters do not fit {variant}: {problem}")
+    config = {"architecture": arch, "model_args": model_args, "num_classes": num_classes,
+              "label_names": [],
+              "pretrained_cfg": {"input_size": [3, v.train_res, v.train_res],
+                                 "test_input_size": [3, v.test_res, v.test_res],
+                                 "crop_mode": v.crop_mode, "crop_pct": v.crop_pct},
+              "nfnet_pipeline": {"variant": variant, "deepmind_checkpoint": str(path)}}
+    return InitSource(config, state, ckpt.fingerprint("dm", sha256_file(path)), Path(path).name,
+                      [f"DeepMind checkpoint {path}: NFNet-{variant.upper()}, {num_classes} "
+                       f"classes, {sum(t.numel() for t in state.values()):,} parameters"])
 
 
 def scratch_init(variant: str, seed: int = 0) -> InitSource:
