@@ -138,13 +138,13 @@ def loader_bench(shards: Path, res: int, batch: int, workers: int, decode: str, 
     from pipeline.data.device_aug import DeviceAugment
     from pipeline.data.manifest import load_split
     from pipeline.data.reader import Cursor, TrainStreams, make_loader, micro_batches
-    from pipeline.data.transforms import train_transform
+    from pipeline.data.transforms import train_augment
     aug = load_recipe(ROOT / "recipes" / recipe).pretrain.augment
     split = load_split(shards, "train")
     w = max(1, workers)
-    ds = TrainStreams(split, None if decode == "device" else train_transform(res, aug), seed=0,
-                      block=512, cursor=Cursor(0, 0, w), rank=0, world=1, workers=w,
-                      sub_batch=batch // w)
+    ds = TrainStreams(split, train_augment(res, aug), seed=0, block=512, cursor=Cursor(0, 0, w),
+                      rank=0, world=1, workers=w, sub_batch=batch // w,
+                      on_device=decode == "device")
     device_aug = DeviceAugment(res, aug, dev) if decode == "device" else None
     it = micro_batches(make_loader(ds, workers, pin_memory=dev.type == "cuda"), w)
     for _ in range(2):

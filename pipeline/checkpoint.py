@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline import std_conv
 from pipeline.data.transforms import MEAN, STD
 from pipeline.io import atomic_dir
 
@@ -221,7 +222,7 @@ def model_config(model: nn.Module, arch: str, model_args: dict, class_names: lis
     timm_cfg = getattr(model, "pretrained_cfg", None) or {}
     return {
         "architecture": arch,
-        "model_args": model_args,
+        "model_args": std_conv.rebuild_args(arch, model_args),
         "num_classes": len(class_names),
         "num_features": int(getattr(model, "num_features", 0)),
         "global_pool": "avg",

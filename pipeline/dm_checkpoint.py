@@ -123,7 +123,7 @@ def _block_names(depths: tuple[int, ...]) -> list[tuple[str, str]]:
 
 
 def _convert(param: str, value: np.ndarray, linear_as_conv: bool = False) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(value)).float()
+    t = torch.from_numpy(np.array(value, dtype=np.float32, order="C"))      # keeps 0-d arrays 0-d
     if param == "w" and t.ndim == 4:                       # conv HWIO -> OIHW
         return t.permute(3, 2, 0, 1).contiguous()
     if param == "w" and t.ndim == 2:                       # linear IO -> OI (1x1 conv for SE)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.data.mixing import images_per_example
 from pipeline.data.reader import StreamLayout
 from pipeline.recipe import TrainSection
 
@@ -30,11 +31,17 @@ class Plan:
     lr: float
     steps_per_epoch: float
     total_steps: int
-    warmup_steps: int
+    warmup_steps: float            # DeepMind: a float (5 epochs = 1563.92 steps for F0), not rounded
     epochs: float
     data_streams: int
-    sub_batch: int
+    sub_batch: int                 # examples per stream per micro-batch
     loader_workers: int
+    images_per_example: int = 1    # 2 with DeepMind's disjoint MixUp / CutMix pairs
+
+    @property
+    def images_per_step(self) -> int:
+        """Samples read per optimiser step, all processes: the data cursor moves by this."""
+        return self.global_batch * self.images_per_example
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,18 +60,20 @@ def make_plan(section: TrainSection, num_samples: int, processes: int,
             f"process count) that divides it")
     steps_per_epoch = num_samples / section.global_batch
     total = section.steps if section.steps is not None else int(section.epochs * steps_per_epoch)
-    warmup = (section.warmup_steps if section.warmup_steps is not None
-              else int(section.warmup_epochs * steps_per_epoch))
+    warmup = float(section.warmup_steps if section.warmup_steps is not None
+                   else section.warmup_epochs * steps_per_epoch)
     if total < 1:
         raise ValueError(f"the run has no optimizer steps: {num_samples} samples, global_batch "
                          f"{section.global_batch}; lower global_batch or raise epochs/steps")
     if warmup >= total:
-        raise ValueError(f"warm-up ({warmup} steps) must be shorter than the run ({total} steps)")
+        raise ValueError(f"warm-up ({warmup:g} steps) must be shorter than the run ({total} steps)")
     layout = StreamLayout.plan(micro, processes, section.loader.num_workers, num_streams)
     lr = section.lr_base * section.global_batch / 256 if section.lr_batch_scaling else section.lr_base
+    aug = section.augment
     return Plan(num_samples, processes, section.global_batch, micro,
                 section.global_batch // per_step, lr, steps_per_epoch, total, warmup,
-                total / steps_per_epoch, layout.num_streams, layout.sub_batch, layout.loader_workers)
+                total / steps_per_epoch, layout.num_streams, layout.sub_batch, layout.loader_workers,
+                images_per_example(aug.mix_pairs, aug.mixup_alpha, aug.cutmix_alpha))
 
 
 def training_flops_per_image(model: nn.Module, res: int) -> float:
@@ -93,14 +102,16 @@ def describe(plan: Plan, section: TrainSection, model: nn.Module, config: dict[s
         "samples": plan.num_samples, "processes": plan.processes,
         "global_batch": plan.global_batch, "micro_batch_per_device": plan.micro_batch,
         "accum_steps": plan.accum_steps, "lr": plan.lr,
-        "warmup_steps": plan.warmup_steps, "total_steps": plan.total_steps,
+        "warmup_steps": round(plan.warmup_steps, 4), "total_steps": plan.total_steps,
+        "images_per_step": plan.images_per_step,
         "epochs": round(plan.epochs, 3), "steps_per_epoch": round(plan.steps_per_epoch, 3),
         "clip_factor": section.clip_factor, "weight_decay": section.weight_decay,
         "label_smoothing": section.label_smoothing,
         "augmentation": {"crop_scale": aug.crop_scale, "hflip": aug.hflip,
                          "randaugment": f"{aug.randaugment_layers} layers, magnitude "
                                         f"{aug.randaugment_magnitude}" if aug.randaugment_layers else "off",
-                         "mixup_alpha": aug.mixup_alpha, "cutmix_alpha": aug.cutmix_alpha},
+                         "mixup_alpha": aug.mixup_alpha, "cutmix_alpha": aug.cutmix_alpha,
+                         "mix_pairs": aug.mix_pairs, "randaugment_order": aug.randaugment_order},
         "ema_decay": section.ema_decay,
         "sam": (f"rho {section.sam_rho}: 2 forward-backward passes per step (2x compute)"
                 if section.sam_rho else "off"),

@@ -118,8 +118,12 @@ class AugmentSection:
     hflip: bool
     randaugment_layers: int = bounds(ge=0)        # 0 = no RandAugment
     randaugment_magnitude: int = bounds(ge=0, le=30)  # DeepMind's levels: 5, 10 or 15
-    mixup_alpha: float = bounds(ge=0)     # 0 = off; MixUp on one half of each batch ...
+    mixup_alpha: float = bounds(ge=0)     # 0 = off; MixUp on one half of the examples ...
     cutmix_alpha: float = bounds(ge=0)    # ... and CutMix on the other half (DeepMind)
+    mix_pairs: Literal["disjoint", "in_batch"]   # disjoint: 2 images per example (DeepMind);
+                                          # in_batch: each image mixed with another of the batch
+    randaugment_order: Literal["before_mix", "after_mix"]   # where RandAugment runs (DeepMind:
+                                          # after mixing, on the mixed example)
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
 
     def check(self, where: str) -> None:

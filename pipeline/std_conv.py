@@ -83,3 +83,16 @@ def use_deepmind_ws(model: nn.Module) -> int:
 
 def uses_deepmind_ws(model: nn.Module) -> bool:
     return any(isinstance(m, _DeepMindWS) for m in model.modules())
+
+
+def applies_to(architecture: str) -> bool:
+    """Every DeepMind NFNet (timm's dm_nfnet_*, our F-variants, FN+ and tiny) standardises its
+    weights DeepMind's way here, whether it was built by us or loaded from timm or the Hub."""
+    return architecture.startswith("dm_nfnet")
+
+
+def rebuild_args(architecture: str, model_args: dict) -> dict:
+    """config.json's model_args: for a DeepMind NFNet, timm's closest std_conv_eps added."""
+    if applies_to(architecture) and "std_conv_eps" not in model_args:
+        return {**model_args, "std_conv_eps": TIMM_REBUILD_EPS}
+    return dict(model_args)

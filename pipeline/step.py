@@ -2,8 +2,8 @@
 
 `accum_steps` micro-batches per process; DDP averages gradients across processes, accumulation
 sums them, AGC clips once on the result, then SGD applies coupled weight decay and Nesterov
-momentum: DeepMind's order. Every random draw (mixing, dropout, stochastic depth) is seeded from
-(seed, step, micro-batch, rank), so a resumed run repeats the step exactly.
+momentum: DeepMind's order. Mixing draws come from the images' own seeds (pipeline/data/mixing.py),
+dropout and stochastic depth from (seed, step, rank), so a resumed run repeats the step exactly.
 """
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from pipeline.agc import AGC, split_parameters
 from pipeline.data.device_aug import DeviceAugment
-from pipeline.data.transforms import mix_batch, mixed_cross_entropy, normalize
+from pipeline.data.mixing import MixPlan, apply_plan, example_seed, quantize
+from pipeline.data.transforms import mixed_cross_entropy, normalize
 from pipeline.plan import Plan
 from pipeline.recipe import TrainSection
 
@@ -42,17 +43,33 @@ class StepRunner:
     device_aug: DeviceAugment | None = None   # loader.decode: device
     skipped: int = 0                      # steps dropped by nan_policy: skip
 
-    def inputs(self, batch: dict, step: int, micro: int) -> Inputs:
-        """Normalised, mixed inputs of a micro-batch; the same for the same (step, micro)."""
+    def inputs(self, batch: dict) -> Inputs:
+        """Normalised examples of a micro-batch and their two labels and ratio. The examples
+        come from the loader mixed already (RandAugment after mixing, CPU path), or as images and
+        a mix plan (mixed here, in float; with `loader.decode: device` decoded and augmented here
+        first), or unmixed (ratio 1)."""
         dev, s = self.acc.device, self.section
+        y = batch["label"].to(dev, non_blocking=True)
+        ra_after = self.device_aug is not None and self.section.augment.randaugment_order == \
+            "after_mix"
         if self.device_aug is not None:
-            images = self.device_aug(batch["jpeg"], batch["offsets"], batch["seed"])
+            images = self.device_aug(batch["jpeg"], batch["offsets"], batch["seed"],
+                                     randaugment=not ("mix_a" in batch and ra_after))
         else:
             images = batch["image"].to(dev, non_blocking=True)
-        x = normalize(images, s.channels_last)
-        y = batch["label"].to(dev, non_blocking=True)
-        rng = np.random.default_rng([s.seed, step, micro, self.acc.process_index])
-        return mix_batch(x, y, s.augment.mixup_alpha, s.augment.cutmix_alpha, rng)
+        if "ratio" in batch:                              # mixed in the loader worker
+            return (normalize(images, s.channels_last), y, batch["label_b"].to(dev),
+                    batch["ratio"].to(dev))
+        if "mix_a" not in batch:                          # no mixing
+            return normalize(images, s.channels_last), y, y, torch.ones(len(y), device=dev)
+        plan = MixPlan.from_dict(batch)
+        mixed, ratio = apply_plan(images, plan)
+        if ra_after:                                      # DeepMind's order, on the device
+            seeds = [example_seed(batch["seed"][int(a)]) for a in plan.a]
+            mixed = self.device_aug.apply_ops(quantize(mixed),
+                                              [self.device_aug.example_ops(e) for e in seeds])
+        a, b = plan.a.to(dev), plan.b.to(dev)
+        return normalize(mixed, s.channels_last), y[a], y[b], ratio
 
     def log_keys(self, step: int, micro: int, batch: dict) -> None:
         if self.keys_log is not None:
@@ -87,7 +104,7 @@ class StepRunner:
             if perturbation is None:
                 self.log_keys(step, micro, batch)
             with acc.accumulate(self.ddp_model):
-                loss = self.loss(self.inputs(batch, step, micro))
+                loss = self.loss(self.inputs(batch))
                 acc.backward(loss)
                 if not s.sam_rho:
                     step_loss += loss.detach() / plan.accum_steps
@@ -116,7 +133,7 @@ class StepRunner:
         with acc.no_sync(self.ddp_model):
             for micro, batch in enumerate(batches):
                 self.log_keys(step, micro, batch)
-                loss = self.loss(self.inputs(batch, step, micro))
+                loss = self.loss(self.inputs(batch))
                 acc.backward(loss)
                 total += loss.detach() / plan.accum_steps
         return total
@@ -153,3 +170,11 @@ def build_optimizer(model: nn.Module, section: TrainSection, lr: float) -> torch
         {"params": split.decay, "weight_decay": section.weight_decay},
         {"params": split.no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=lr, momentum=section.momentum, nesterov=section.nesterov)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, plan: Plan) -> CosineLRScheduler:
+    """DeepMind's WarmupCosineDecay (nfnets/optim.py), stepped per optimiser step: linear from 0
+    over `plan.warmup_steps` (a float: 5 epochs of F0 are 1563.92 steps), then cosine to 0."""
+    return CosineLRScheduler(optimizer, t_initial=plan.total_steps - plan.warmup_steps, lr_min=0.0,
+                             warmup_t=plan.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
+                             t_in_epochs=False)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from timm.scheduler import CosineLRScheduler
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
@@ -34,12 +33,12 @@ from pipeline.agc import AGC
 from pipeline.data.device_aug import DeviceAugment
 from pipeline.data.manifest import SplitInfo, load_split, read_manifest
 from pipeline.data.reader import Cursor, TrainStreams, advance, make_loader, micro_batches, rescale_cursor
-from pipeline.data.transforms import train_transform
+from pipeline.data.transforms import train_augment
 from pipeline.evaluate import validate
 from pipeline.io import atomic_write_text
 from pipeline.plan import Plan, make_plan
 from pipeline.recipe import TrainSection, to_dict
-from pipeline.step import StepRunner, build_optimizer, ema_decay
+from pipeline.step import StepRunner, build_optimizer, build_scheduler, ema_decay
 from pipeline.variants import has_batchnorm
 
 __all__ = ["Job", "NonFiniteLoss", "TrainResult", "Trainer", "build_optimizer", "ema_decay", "run"]
@@ -128,10 +127,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, s, self.plan.lr)
         self.agc = AGC.for_model(model, s.clip_factor, s.agc_eps) if s.clip_factor else None
         self.ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
-        self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=self.plan.total_steps - self.plan.warmup_steps, lr_min=0.0,
-            warmup_t=self.plan.warmup_steps, warmup_lr_init=0.0, warmup_prefix=True,
-            t_in_epochs=False)
+        self.scheduler = build_scheduler(self.optimizer, self.plan)
         # not the loader: see reader.make_loader
         self.ddp_model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.forward = torch.compile(self.ddp_model) if s.compile else self.ddp_model
@@ -176,11 +172,11 @@ class Trainer:
         """The training streams from the cursor on, the validation split, the trackers."""
         job, s, plan, acc = self.job, self.section, self.plan, self.acc
         on_device = s.loader.decode == "device"
-        transform = None if on_device else train_transform(s.train_res, s.augment)
-        dataset = TrainStreams(self.split, transform, seed=s.seed, block=s.loader.shuffle_block,
-                               cursor=self.cursor, rank=acc.process_index,
-                               world=acc.num_processes, workers=plan.loader_workers,
-                               sub_batch=plan.sub_batch)
+        dataset = TrainStreams(self.split, train_augment(s.train_res, s.augment), seed=s.seed,
+                               block=s.loader.shuffle_block, cursor=self.cursor,
+                               rank=acc.process_index, world=acc.num_processes,
+                               workers=plan.loader_workers, sub_batch=plan.sub_batch,
+                               on_device=on_device)
         loader = make_loader(dataset, plan.loader_workers, pin_memory=self.device.type == "cuda")
         self.runner = StepRunner(
             acc, self.ddp_model, self.forward, self.optimizer, self.agc, s, plan,
@@ -275,7 +271,8 @@ class Trainer:
         """Write `checkpoints/<fingerprint>/step-N` atomically (main process; all wait)."""
         self.stop_if_non_finite()
         plan = self.plan
-        consumed = (self.step - self.start_step) * plan.accum_steps * plan.sub_batch
+        consumed = ((self.step - self.start_step) * plan.accum_steps * plan.sub_batch
+                    * plan.images_per_example)              # samples per stream
         cursor = advance(self.cursor, self.split.num_samples, consumed)
         if self.acc.is_main_process:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),

@@ -8,8 +8,11 @@ DeepMind F7 (its `nfnet_f7` differs in gamma_in_act, same_padding and skipinit),
 Two things are set after timm builds the model, to match DeepMind's training:
 - stochastic depth: block i of N drops its residual branch with rate * i / N and does not rescale
   the kept ones (timm ramps to the full rate over N - 1 and rescales by the keep probability);
-- nothing else: GELU stays timm's exact erf form (DeepMind's JAX default is the tanh
-  approximation; the difference is below 1e-3 and timm's ported weights use erf).
+- weight standardisation: DeepMind's formula, max(N * var, 1e-4) under the square root
+  (pipeline/std_conv.py; timm adds an eps to the variance instead). `model_args` carry timm's
+  closest setting (`std_conv_eps` 1e-10), so plain timm rebuilds the network from config.json.
+GELU stays timm's exact erf form (DeepMind's JAX default is the tanh approximation; the difference
+is below 1e-3, and timm accepts no tanh GELU for these models).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import timm
 import torch
 from timm.layers import DropPath
 from torch import nn
+
+from pipeline.std_conv import TIMM_REBUILD_EPS, use_deepmind_ws
 
 BASE_WIDTHS = (256, 512, 1536, 1536)
 PLUS_WIDTHS = (384, 768, 2048, 2048)
@@ -59,6 +64,7 @@ class Variant:
             if width != 1.0:
                 raise ValueError(f"model.width applies to NFNets only, not {self.name}")
             return args
+        args["std_conv_eps"] = TIMM_REBUILD_EPS
         timm_depths = _TIMM_DEPTHS.get(self.timm_arch)
         if timm_depths != self.depths:
             args["depths"] = list(self.depths)
@@ -157,6 +163,7 @@ def build_model(variant: str, num_classes: int, drop_rate: float = 0.0,
                                   drop_rate=drop_rate, **model_args, **extra)
     if v.family == "nfnet":
         set_stochastic_depth(model, drop_path_rate)
+        use_deepmind_ws(model)
     return model, v.timm_arch, model_args
 
 

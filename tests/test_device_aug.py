@@ -13,7 +13,7 @@ from conftest import ROOT
 from pipeline.data.device_aug import DeviceAugment
 from pipeline.data.manifest import load_split
 from pipeline.data.reader import Cursor, TrainStreams, concat_batches, pack_jpegs
-from pipeline.data.transforms import train_transform
+from pipeline.data.transforms import train_augment, train_transform
 from pipeline.recipe import load_recipe
 
 AUG = load_recipe(ROOT / "recipes" / "f3.yaml").pretrain.augment     # RA 4 layers, magnitude 15
@@ -113,8 +113,11 @@ def test_whole_batch_close_to_the_cpu_transform(photo):
 
 def test_raw_batches_from_the_reader_decode_to_the_right_shapes(demo_shards):
     split = load_split(demo_shards["pretrain"], "train")
-    ds = TrainStreams(split, None, seed=0, block=64, cursor=Cursor(0, 0, 2), rank=0, world=1,
-                      workers=2, sub_batch=4)
+    no_mixing = load_recipe(ROOT / "recipes" / "f3.yaml",
+                            ["pretrain.augment.mixup_alpha=0", "pretrain.augment.cutmix_alpha=0"])
+    ds = TrainStreams(split, train_augment(32, no_mixing.pretrain.augment), seed=0, block=64,
+                      cursor=Cursor(0, 0, 2), rank=0, world=1, workers=2, sub_batch=4,
+                      on_device=True)
     parts = [next(ds.iter_worker(k)) for k in range(2)]
     batch = concat_batches(parts)
     assert len(batch["seed"]) == 8 and batch["offsets"][-1] == len(batch["jpeg"])

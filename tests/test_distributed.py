@@ -16,7 +16,12 @@ from pipeline.data.manifest import load_split
 from pipeline.data.reader import open_shard
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
-# deterministic: no dropout / stochastic depth / mixing; augmentation is seeded per sample anyway
+# DeepMind's data path: 2 images per example (quarters 1x2 MixUp, 3x4 CutMix), RandAugment after
+# mixing; all of it seeded per sample, so processes and resumes agree
+DEEPMIND_DATA = ["pretrain.augment.mixup_alpha=0.2", "pretrain.augment.cutmix_alpha=1.0",
+                 "pretrain.augment.mix_pairs=disjoint", "pretrain.augment.randaugment_order=after_mix",
+                 "pretrain.augment.randaugment_layers=2", "pretrain.augment.randaugment_magnitude=9"]
+# deterministic: no dropout / stochastic depth; augmentation is seeded per sample anyway
 BASE = ["pretrain.train_res=32", "pretrain.test_res=32", "pretrain.global_batch=32",
         "pretrain.log_every=5", "pretrain.warmup_epochs=0.5", "pretrain.ema_decay=0.99",
         "pretrain.clip_factor=0.01", "pretrain.loader.shuffle_block=64"]
@@ -68,7 +73,7 @@ def test_two_processes_read_each_sample_once_with_equal_batches(demo_shards, tmp
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(demo_shards, tmp_path):
-    common = ["--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), *BASE,
+    common = ["--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), *BASE, *DEEPMIND_DATA,
               "pretrain.epochs=1", "pretrain.augment.crop_scale=[0.6,1.0]"]
     run_stage("pretrain", *common, "--out", str(tmp_path / "one"), "pretrain.micro_batch=32",
               "pretrain.loader.num_workers=2")
@@ -103,7 +108,8 @@ def _kill_after_checkpoint(args, ckpt_parent: Path, step: int, env=None) -> None
 
 
 def test_sigkill_and_resume_gives_the_same_weights_and_samples(demo_shards, tmp_path):
-    common = ["--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), *BASE,
+    """DeepMind's data path (2 images per example): each step reads 2 x 32 samples."""
+    common = ["--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), *BASE, *DEEPMIND_DATA,
               "pretrain.epochs=3", "pretrain.checkpoint_every=10", "pretrain.keep_checkpoints=3",
               "pretrain.micro_batch=16", "pretrain.loader.num_workers=2"]
     run_stage("pretrain", *common, "--out", str(tmp_path / "full"),
@@ -119,7 +125,9 @@ def test_sigkill_and_resume_gives_the_same_weights_and_samples(demo_shards, tmp_
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"), atol=0.0)
     assert_same_weights(weights(tmp_path / "full", "ema.safetensors"),
                         weights(tmp_path / "cut", "ema.safetensors"), atol=0.0)
-    assert read_keys(tmp_path / "k_full") == read_keys(tmp_path / "k_cut")
+    keys = read_keys(tmp_path / "k_full")
+    assert keys == read_keys(tmp_path / "k_cut")
+    assert all(len(r["keys"]) == 2 * 16 for r in keys[0])      # 2 images per example, micro 16
 
 
 def test_resume_a_one_process_checkpoint_on_two_processes(demo_shards, tmp_path):

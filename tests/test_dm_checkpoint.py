@@ -71,7 +71,8 @@ def test_a_flat_npz_in_haiku_naming_gives_the_same_logits(f0, tmp_path):
     assert infer_variant(params) == "f0"
     state = to_timm_state(params, (1, 2, 6, 3))
     loaded, _, _ = build_model("f0", 1000, seed=99)
-    loaded.load_state_dict(state)                           # strict: every name and shape
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in loaded.state_dict().items()}
+    loaded.load_state_dict(state)                           # strict: every name
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), f0(x))

@@ -10,7 +10,9 @@ from pipeline.variants import build_model
 def test_plan_derives_lr_steps_warmup_and_accumulation():
     f0 = load_recipe(ROOT / "recipes" / "f0.yaml").pretrain
     plan = make_plan(f0, 1281167, processes=8)
-    assert plan.lr == pytest.approx(1.6) and plan.total_steps == 112602 and plan.warmup_steps == 1563
+    assert plan.lr == pytest.approx(1.6) and plan.total_steps == 112602
+    assert plan.warmup_steps == pytest.approx(5 * 1281167 / 4096)          # 1563.92, not rounded
+    assert plan.images_per_example == 2 and plan.images_per_step == 8192   # DeepMind's pairs
     assert (plan.micro_batch, plan.accum_steps) == (256, 2)            # 8 x 256 x 2 = 4096
     plan64 = make_plan(f0, 1281167, processes=64)
     assert (plan64.micro_batch, plan64.accum_steps) == (64, 1)         # capped by the share

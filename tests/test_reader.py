@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+from conftest import ROOT
 from pipeline.data.manifest import load_split
 from pipeline.data.reader import (
     Cursor,
@@ -20,13 +21,16 @@ from pipeline.data.reader import (
     rescale_cursor,
     shard_order,
 )
-from pipeline.data.transforms import eval_transform
+from pipeline.data.transforms import eval_transform, train_augment
+from pipeline.recipe import load_recipe
 
+ROOT_RECIPE = ROOT / "recipes" / "demo.yaml"
 TRANSFORM = eval_transform(16, 1.0, "bilinear")
+AUGMENT = train_augment(16, load_recipe(ROOT_RECIPE).pretrain.augment)    # one image per example
 
 
 def streams(split, cursor, rank, world, workers, sub_batch, seed=0, block=50):
-    return TrainStreams(split, TRANSFORM, seed=seed, block=block, cursor=cursor, rank=rank,
+    return TrainStreams(split, AUGMENT, seed=seed, block=block, cursor=cursor, rank=rank,
                         world=world, workers=workers, sub_batch=sub_batch)
 
 
@@ -89,17 +93,14 @@ def test_global_batches_do_not_depend_on_how_streams_map_to_processes(split):
 
 
 def test_images_are_augmented_identically_wherever_they_are_read(split):
-    from conftest import ROOT
-    from pipeline.data.transforms import train_transform
-    from pipeline.recipe import load_recipe
-    aug = load_recipe(ROOT / "recipes" / "demo.yaml").pretrain.augment
+    aug = train_augment(24, load_recipe(ROOT_RECIPE).pretrain.augment)
     kw = dict(seed=3, block=50)
 
     def images(world, workers, micro):
         layout = StreamLayout.plan(micro, world, workers)
         out = {}
         for r in range(world):
-            ds = TrainStreams(split, train_transform(24, aug), cursor=Cursor(0, 0, layout.num_streams),
+            ds = TrainStreams(split, aug, cursor=Cursor(0, 0, layout.num_streams),
                               rank=r, world=world, workers=workers, sub_batch=layout.sub_batch, **kw)
             for k in range(workers):
                 b = next(ds.iter_worker(k))

@@ -36,17 +36,18 @@ def test_formula_equals_deepminds_including_a_zero_variance_and_a_tiny_variance_
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
     w[1] = 0.7                                    # zero variance: the output filter is all 0
     w[2] = 0.3 + 1e-4 * torch.randn(4, 3, 3, dtype=torch.float64)   # N*var ~ 4e-7 < 1e-4: floored
+    w[3] *= 0.01                                  # small weights, as after long weight decay
     gain = torch.rand(6, 1, 1, 1, dtype=torch.float64) + 0.5
     got = deepmind_standardize(w, gain).numpy()
     want = reference(w.numpy(), gain.view(-1).numpy())
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert not got[1].any()
     # the floored filter: scaled by 1/sqrt(1e-4) = 100 at most, not blown up to unit variance
     assert np.abs(got[2]).max() < 100 * 4e-4 * float(gain[2]) and DEEPMIND_EPS == 1e-4
-    # timm's eps-added formula differs measurably on the same weights
-    timm_w = (w - w.mean((1, 2, 3), keepdim=True)) / torch.sqrt(
-        36 * (w.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5)) * gain
-    assert (timm_w.numpy() - want)[0].std() > 1e-5
+    # timm's eps-added formula (std_conv_eps 1e-5) differs on the same weights, most on small ones
+    timm_w = ((w - w.mean((1, 2, 3), keepdim=True)) / torch.sqrt(
+        36 * (w.var((1, 2, 3), unbiased=False, keepdim=True) + 1e-5)) * gain).numpy()
+    assert np.abs(timm_w[3] / want[3] - 1).max() > 0.03
 
 
 def test_every_nfnet_variant_uses_it_and_the_state_dict_is_timms():

@@ -52,3 +52,25 @@ def test_sam_composes_with_agc_weight_decay_and_accumulation(demo_shards, tmp_pa
     assert _max_diff(off, tiny) < 1e-6
     assert _max_diff(off, on) > 1e-4                                     # a real radius changes it
     assert all(torch.isfinite(t).all() for t in on.values())
+
+
+def test_lr_follows_deepminds_warmup_cosine_with_a_fractional_warmup():
+    """nfnets/optim.py WarmupCosineDecay: warm-up while t <= 1563.92 (no rounding), then cosine."""
+    import math
+
+    from pipeline.plan import make_plan
+    from pipeline.step import build_scheduler
+    section = load_recipe(ROOT / "recipes" / "f0.yaml").pretrain
+    plan = make_plan(section, 1281167, 8)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=plan.lr)
+    sched = build_scheduler(opt, plan)
+    w, n, peak = 5 * 1281167 / 4096, 112602, 1.6
+
+    def deepmind(t):
+        if t <= w:
+            return peak * t / w
+        return 0.5 * peak * (1 + math.cos(math.pi * (t - w) / (n - w)))
+
+    for t in (0, 1, 781, 1563, 1564, 1565, 50000, 112601):
+        sched.step_update(t)
+        assert opt.param_groups[0]["lr"] == pytest.approx(deepmind(t), rel=1e-9, abs=1e-12), t

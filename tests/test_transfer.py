@@ -1,10 +1,13 @@
 """pipeline/transfer.py without training: where fine-tuning starts from, the head kept or replaced,
 frozen modules, the weights-fit check, and the lineage and resolution notes for the log."""
+import json
+import sys
+
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, tiny_model_dir
+from conftest import ROOT, run, tiny_model_dir
 from pipeline import checkpoint as ckpt
 from pipeline.recipe import load_recipe
 from pipeline.transfer import (
@@ -73,3 +76,38 @@ def test_resolution_note_says_when_fine_tuning_does_not_raise_the_resolution():
     same = resolution_note(cfg, section("finetune.train_res=48"))
     assert same.endswith("(not above the pretraining resolution: the paper's transfer raises it)")
     assert resolution_note({"pretrained_cfg": {}}, section()) is None
+
+
+def hub_cache(root, repo: str, folder) -> dict:
+    """`folder` (config.json + model.safetensors) as a model repo in a Hugging Face cache at
+    `root`, laid out as huggingface_hub writes it (refs/main -> snapshots/<commit>/); returns the
+    environment that reads only that cache."""
+    import shutil
+    commit = "3c0ffee" + "0" * 33
+    base = root / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, snap / name)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root), "HF_HOME": str(root / "home")}
+
+
+def test_hub_init_reads_an_offline_cache_and_names_a_missing_model(tmp_path, monkeypatch):
+    folder = tiny_model_dir(tmp_path / "model")
+    env = hub_cache(tmp_path / "hf", "test-org/tiny-nfnet", folder)
+    code = (
+        "import json, sys; from pipeline.transfer import load_init; "
+        "src = load_init(sys.argv[1]); "
+        "print(json.dumps([src.config['architecture'], src.config['num_classes'], "
+        "src.weights_label, float(src.state['head.fc.weight'].abs().sum())]))")
+    p = run([sys.executable, "-c", code, "hf-hub:test-org/tiny-nfnet"], env=env)
+    arch, classes, label, head = json.loads(p.stdout.strip().splitlines()[-1])
+    want = load_file(str(folder / "model.safetensors"))["head.fc.weight"].abs().sum().item()
+    assert (arch, classes) == ("dm_nfnet_f0", 5) and label.startswith("hf-hub:test-org/tiny-nfnet@3c0ffee")
+    assert head == pytest.approx(want)
+    p = run([sys.executable, "-c", code, "hf-hub:test-org/not-there"], env=env, check=False)
+    assert p.returncode != 0
+    assert "hf-hub:test-org/not-there: it is not in the Hugging Face cache" in p.stderr
+    assert "HF_HUB_OFFLINE=1" in p.stderr and "hf download test-org/not-there" in p.stderr

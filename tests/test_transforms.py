@@ -1,57 +1,12 @@
-"""Augmentation as DeepMind trains: MixUp on one half and CutMix on the other half of each batch,
-RandAugment with every chosen op applied at magnitudes above timm's default cap."""
-import numpy as np
+"""Augmentation as DeepMind trains: RandAugment with every chosen op applied at magnitudes above
+timm's default cap, the mixed loss, and timm's transform split where mixing sits (the mixed
+examples themselves: tests/test_mixing.py)."""
 import pytest
 import torch
 
 from conftest import ROOT
-from pipeline.data.transforms import mix_batch, mixed_cross_entropy, randaugment_spec, train_transform
+from pipeline.data.transforms import mixed_cross_entropy, randaugment_spec, train_augment, train_transform
 from pipeline.recipe import load_recipe
-
-
-def _batch(n=8, size=16):
-    # image i is constant i+1: mixing partners are recognisable from pixel values
-    x = torch.arange(1, n + 1, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, size, size).clone()
-    return x, torch.arange(n)
-
-
-def test_mixup_first_half_cutmix_second_half():
-    x, y = _batch()
-    out, ya, yb, ratio = mix_batch(x, y, 0.2, 1.0, np.random.default_rng(0))
-    n = len(y)
-    assert torch.equal(ya, y) and torch.equal(yb, y.flip(0))          # partner: the batch reversed
-    for i in range(n // 2):                                           # MixUp: a uniform blend
-        lam = ratio[i].item()
-        expected = lam * (i + 1) + (1 - lam) * (n - i)
-        assert torch.allclose(out[i], torch.full_like(out[i], expected), atol=1e-5)
-    for i in range(n // 2, n):                                        # CutMix: a box of own pixels
-        own = (out[i] == i + 1).float().mean().item()
-        other = (out[i] == n - i).float().mean().item()
-        assert own + other == pytest.approx(1.0)
-        assert ratio[i].item() == pytest.approx(own, abs=1e-6)       # label weight = box area
-
-
-def test_mix_ratios_follow_the_configured_distributions():
-    x, y = _batch(n=4000, size=32)
-    _, _, _, r = mix_batch(x, y, 0.2, 1.0, np.random.default_rng(1))
-    mix, cut = r[:2000].numpy(), r[2000:].numpy()
-    # Beta(0.2, 0.2) piles up near 0 and 1
-    assert ((mix < 0.1) | (mix > 0.9)).mean() > 0.6
-    # CutMix: box side sqrt(1 - U(0, 1)) at a uniform centre, clipped at the image border as in
-    # DeepMind's cutmix_padding, so the kept area averages about 0.3 rather than 0.5
-    assert 0.2 < cut.mean() < 0.4 and cut.std() > 0.15 and cut.max() > 0.8
-
-
-def test_mixing_off_or_one_kind_only():
-    x, y = _batch()
-    out, ya, yb, r = mix_batch(x, y, 0.0, 0.0, np.random.default_rng(0))
-    assert out is x and torch.equal(r, torch.ones(8))
-    out, _, _, r = mix_batch(x, y, 0.0, 1.0, np.random.default_rng(0))     # CutMix on all
-    assert all(set(out[i].unique().tolist()) <= {i + 1.0, 8.0 - i} for i in range(8))
-    out, _, _, r = mix_batch(x, y, 0.2, 0.0, np.random.default_rng(0))     # MixUp on all
-    assert all(torch.allclose(out[i], r[i] * (i + 1) + (1 - r[i]) * (8 - i)) for i in range(8))
-    same = mix_batch(x, y, 0.2, 1.0, np.random.default_rng(5))[0]
-    assert torch.equal(same, mix_batch(x, y, 0.2, 1.0, np.random.default_rng(5))[0])  # seeded
 
 
 def test_mixed_loss_weights_both_labels():
@@ -76,3 +31,23 @@ def test_randaugment_matches_deepmind_levels(variant, mag):
         assert op.prob == 1.0 and op.magnitude == mag        # every chosen op is applied ...
         assert (op.magnitude_max or 10) >= mag               # ... at the full magnitude
     assert not any("ColorJitter" in type(tr).__name__ for tr in t.transforms)
+
+
+def test_the_split_transform_is_timms_whole_transform_in_three_parts():
+    """crop_flip -> randaugment -> to_tensor, seeded alike, equals timm's train transform: the
+    before-mix path reproduces what the single transform did."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+    aug = load_recipe(ROOT / "recipes" / "f1.yaml").pretrain.augment
+    parts, whole = train_augment(64, aug), train_transform(64, aug)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), np.uint8))
+    outs = []
+    for run in (lambda im: parts.to_tensor(parts.randaugment(parts.crop_flip(im))), whole):
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+        outs.append(run(img))
+    assert torch.equal(outs[0], outs[1]) and outs[0].dtype == torch.uint8
+    assert parts.images_per_example == 2 and parts.ra_after_mix       # F1: DeepMind's choices

@@ -52,23 +52,40 @@ class DeviceAugment:
         self.fill = torch.tensor(hp["img_mean"], dtype=torch.float32, device=self.device)
 
     def params(self, seed: int, height: int, width: int) -> SampleParams:
-        """The random parameters of one sample, drawn exactly as the CPU transform draws them."""
+        """The random parameters of one sample, drawn exactly as the CPU transform draws them
+        (crop, flip, and the RandAugment ops that follow them when RA runs before mixing)."""
         saved = random.getstate()
         try:
             random.seed(seed)                         # timm's crop and RA signs use `random`
             shape_only = torch.empty(3, height, width, device="meta")   # timm reads only the size
             top, left, h, w = self.rrc.get_params(shape_only, self.rrc.scale, self.rrc.ratio)
             flip = self.hflip and bool(torch.rand(1, generator=torch.Generator().manual_seed(seed)) < 0.5)
-            ops = []
-            if self.ra is not None:                  # timm's RandAugment uses np.random.choice
-                for op in np.random.RandomState(seed).choice(self.ra.ops, self.ra.num_layers, replace=True):
-                    m = max(0.0, min(op.magnitude, op.magnitude_max or 10.0))
-                    ops.append((op.name, op.level_fn(m, op.hparams) if op.level_fn else ()))
+            ops = self._draw_ops(seed)
         finally:
             random.setstate(saved)
         return SampleParams((top, left, h, w), flip, ops)
 
-    def __call__(self, jpeg: torch.Tensor, offsets: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def example_ops(self, seed: int) -> list[tuple[str, tuple]]:
+        """The RandAugment ops of a mixed example (RA after mixing), drawn as the CPU worker
+        draws them: every generator freshly seeded with the example's seed."""
+        saved = random.getstate()
+        try:
+            random.seed(seed)
+            return self._draw_ops(seed)
+        finally:
+            random.setstate(saved)
+
+    def _draw_ops(self, seed: int) -> list[tuple[str, tuple]]:
+        ops = []
+        if self.ra is not None:                      # timm's RandAugment uses np.random.choice
+            for op in np.random.RandomState(seed).choice(self.ra.ops, self.ra.num_layers, replace=True):
+                m = max(0.0, min(op.magnitude, op.magnitude_max or 10.0))
+                ops.append((op.name, op.level_fn(m, op.hparams) if op.level_fn else ()))
+        return ops
+
+    def __call__(self, jpeg: torch.Tensor, offsets: torch.Tensor, seeds: list[int],
+                 randaugment: bool = True) -> torch.Tensor:
+        """Decode, crop, flip (and, with `randaugment`, the per-image RA ops) on the device."""
         data = [jpeg[offsets[i]:offsets[i + 1]] for i in range(len(seeds))]
         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         params = [self.params(s, img.shape[-2], img.shape[-1]) for s, img in zip(seeds, images)]
@@ -82,10 +99,15 @@ class DeviceAugment:
         flips = [i for i, p in enumerate(params) if p.flip]
         if flips:
             out[flips] = out[flips].flip(-1)
-        for layer in range(max((len(p.ops) for p in params), default=0)):
+        return self.apply_ops(out, [p.ops for p in params]) if randaugment else out
+
+    def apply_ops(self, images: torch.Tensor, ops: list[list[tuple[str, tuple]]]) -> torch.Tensor:
+        """RandAugment: each image's op sequence, batched over the images sharing an op."""
+        out = images
+        for layer in range(max((len(o) for o in ops), default=0)):
             groups: dict[tuple, list[int]] = {}
-            for i, p in enumerate(params):
-                groups.setdefault(p.ops[layer], []).append(i)
+            for i, o in enumerate(ops):
+                groups.setdefault(o[layer], []).append(i)
             for (name, args), idx in groups.items():
                 out[idx] = self._apply(name, args, out[idx])
         return out

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.manifest import SplitInfo
-
+from pipeline.data.mixing import MixPlan, apply_plan, example_seed, quantize
+from pipeline.data.mixing import make_plan as make_mix_plan
+from pipeline.data.transforms import TrainAugment
 
 # ------------------------------------------------------------------------------------------------
 # The epoch order
@@ -73,7 +76,7 @@ class PositionReader:
     def __init__(self, split: SplitInfo, order: np.ndarray):
         self.urls = [split.urls[i] for i in order]
         self.starts = np.concatenate([[0], np.cumsum([split.shard_lengths[i] for i in order])])
-        self._it: Optional[Iterator[dict]] = None
+        self._it: Iterator[dict] | None = None
         self._next = -1
         self._shard = -1
 
@@ -139,13 +142,13 @@ class Cursor:
     epoch: int = 0
     offset: int = 0
     num_streams: int = 0
-    segments: Optional[list[list[tuple[int, int]]]] = None
+    segments: list[list[tuple[int, int]]] | None = None
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_state(cls, state: dict) -> "Cursor":
+    def from_state(cls, state: dict) -> Cursor:
         segs = state.get("segments")
         if segs is not None:
             segs = [[(int(a), int(b)) for a, b in s] for s in segs]
@@ -243,15 +246,20 @@ def _to_batch(images: list, labels: list, keys: list, index: list) -> dict:
 
 
 class TrainStreams(IterableDataset):
-    """One rank's share of the streams; worker k yields sub-batches of its streams in lockstep.
+    """One rank's share of the streams; worker k yields its share of every micro-batch.
 
-    With `transform=None` the JPEG bytes are passed on undecoded (with each sample's seed) for
-    `device_aug.DeviceAugment` to decode and augment on the GPU.
+    Each fetch reads `sub_batch` x `images_per_example` samples from each of the worker's streams
+    (2 per example with DeepMind's disjoint pairs) and makes `sub_batch` examples per stream from
+    them (pipeline/data/mixing.py: the mix plan of the chunk). On the CPU path the images are
+    decoded and augmented here; with RandAugment after mixing, the examples are mixed and
+    augmented here too. With `on_device` the JPEG bytes are passed on undecoded (with each
+    sample's seed and the plan) for `device_aug.DeviceAugment` to do the same on the GPU.
     """
 
-    def __init__(self, split: SplitInfo, transform: Optional[Callable], *, seed: int, block: int,
-                 cursor: Cursor, rank: int, world: int, workers: int, sub_batch: int):
-        self.split, self.transform = split, transform
+    def __init__(self, split: SplitInfo, augment: TrainAugment, *, seed: int, block: int,
+                 cursor: Cursor, rank: int, world: int, workers: int, sub_batch: int,
+                 on_device: bool = False):
+        self.split, self.augment, self.on_device = split, augment, on_device
         self.seed, self.block, self.cursor = seed, block, cursor
         self.rank, self.world, self.workers, self.sub_batch = rank, world, max(1, workers), sub_batch
         per_rank = cursor.num_streams // world
@@ -266,35 +274,61 @@ class TrainStreams(IterableDataset):
         return self.iter_worker(info.id if info is not None else 0)
 
     def iter_worker(self, worker: int) -> Iterator[dict]:
-        """The endless batches of one dataloader worker of this rank."""
+        """The endless fetches of one dataloader worker of this rank."""
         its = [stream_samples(self.split, self.seed, self.block, s, self.cursor)
                for s in self.streams_of_worker(worker)]
+        per_stream = self.sub_batch * self.augment.images_per_example
         while True:
-            images, labels, keys, index, seeds = [], [], [], [], []
-            for it in its:
-                for _ in range(self.sub_batch):
-                    epoch, idx, raw = next(it)
-                    s = sample_seed(self.seed, epoch, idx)
-                    if self.transform is None:
-                        images.append(raw["jpg"])
-                        labels.append(_label(raw))
-                    else:
-                        img, label = decode_sample(raw)
-                        # timm's transforms draw from random, torch and numpy's global RNGs
-                        random.seed(s)
-                        torch.manual_seed(s)
-                        np.random.seed(s)
-                        images.append(self.transform(img))
-                        labels.append(label)
-                    keys.append(raw["__key__"])
-                    index.append(epoch * self.split.num_samples + idx)
-                    seeds.append(s)
-            if self.transform is None:
-                jpeg, offsets = pack_jpegs(images)
-                yield {"jpeg": jpeg, "offsets": offsets, "label": torch.tensor(labels),
-                       "key": keys, "index": torch.tensor(index), "seed": seeds}
-            else:
-                yield _to_batch(images, labels, keys, index)
+            yield self.make_fetch([next(it) for it in its for _ in range(per_stream)])
+
+    def make_fetch(self, samples: list[tuple[int, int, dict]]) -> dict:
+        """One fetch from (epoch, order index, raw sample) triples, in stream order."""
+        aug = self.augment
+        seeds = [sample_seed(self.seed, epoch, idx) for epoch, idx, _ in samples]
+        out: dict = {"key": [raw["__key__"] for _, _, raw in samples],
+                     "index": torch.tensor([e * self.split.num_samples + i for e, i, _ in samples]),
+                     "label": torch.tensor([_label(raw) for _, _, raw in samples])}
+        plan = (make_mix_plan(aug.pairs, seeds, aug.mixup_alpha, aug.cutmix_alpha,
+                              (aug.res, aug.res)) if aug.mixing else None)
+        if self.on_device:
+            out["jpeg"], out["offsets"] = pack_jpegs([raw["jpg"] for _, _, raw in samples])
+            out["seed"] = seeds
+            return {**out, **(plan.to_dict() if plan is not None else {})}
+        images = torch.stack([self.image(raw, s, with_ra=not aug.ra_after_mix)
+                              for (_, _, raw), s in zip(samples, seeds)])
+        if plan is None:
+            return {**out, "image": images}
+        if not aug.ra_after_mix:                      # mixed on the device, in float
+            return {**out, "image": images, **plan.to_dict()}
+        mixed, ratio = apply_plan(images, plan)
+        quantized = quantize(mixed)
+        examples = [self.randaugment(quantized[i], example_seed(seeds[int(plan.a[i])]))
+                    for i in range(len(plan))]
+        return {**out, "image": torch.stack(examples), "label": out["label"][plan.a],
+                "label_b": out["label"][plan.b], "ratio": ratio}
+
+    def image(self, raw: dict, seed: int, with_ra: bool) -> torch.Tensor:
+        """Crop, flip (and RandAugment) of one image, seeded by the sample: the same whichever
+        worker or process reads it. timm's transforms draw from random, torch and numpy."""
+        aug = self.augment
+        img, _ = decode_sample(raw)
+        _seed_all(seed)
+        img = aug.crop_flip(img)
+        if with_ra and aug.randaugment is not None:
+            img = aug.randaugment(img)
+        return aug.to_tensor(img)
+
+    def randaugment(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """RandAugment of one mixed example (uint8 CHW), drawn from the example's seed."""
+        _seed_all(seed)
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        return self.augment.to_tensor(self.augment.randaugment(pil))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
 
 
 def pack_jpegs(raws: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,17 +390,20 @@ def micro_batches(loader: DataLoader, fetches: int) -> Iterator[dict]:
 
 
 def concat_batches(parts: list[dict]) -> dict:
-    out = {"label": torch.cat([p["label"] for p in parts]),
-           "key": [k for p in parts for k in p["key"]],
-           "index": torch.cat([p["index"] for p in parts])}
-    if "image" in parts[0]:
-        out["image"] = torch.cat([p["image"] for p in parts])
-    else:                                   # undecoded JPEG bytes: shift each part's offsets
+    """One micro-batch from the fetches of the rank's workers (in worker order)."""
+    out: dict = {"key": [k for p in parts for k in p["key"]]}
+    for k in ("label", "index", "label_b", "ratio", "image"):
+        if k in parts[0]:
+            out[k] = torch.cat([p[k] for p in parts])
+    if "jpeg" in parts[0]:                  # undecoded JPEG bytes: shift each part's offsets
         shift = torch.tensor([0] + [int(p["offsets"][-1]) for p in parts[:-1]]).cumsum(0)
         out["jpeg"] = torch.cat([p["jpeg"] for p in parts])
         out["offsets"] = torch.cat([parts[0]["offsets"][:1]] +
                                    [p["offsets"][1:] + s for p, s in zip(parts, shift)])
         out["seed"] = [x for p in parts for x in p["seed"]]
+    if "mix_a" in parts[0]:                 # plans index their own fetch's images
+        sizes = [len(p["key"]) for p in parts]
+        out.update(MixPlan.concat([MixPlan.from_dict(p) for p in parts], sizes).to_dict())
     return out
 
 
@@ -385,7 +422,7 @@ class StreamLayout:
 
     @classmethod
     def plan(cls, micro_batch: int, world: int, workers: int,
-             num_streams: Optional[int] = None) -> "StreamLayout":
+             num_streams: int | None = None) -> StreamLayout:
         fetches = max(1, workers)
         if num_streams is None:
             # each worker delivers a whole share of every micro-batch, so use at most as many
