@@ -12,6 +12,10 @@ r"""Fine-tune a pretrained NFNet on a labelled set at a higher resolution, with 
                                  finetune.init.weights=raw
   publish/demo                   a folder from the publish stage: its one set of weights
   timm:<arch>=<file.safetensors> any timm architecture with local weights (no download)
+  hf-hub:<org>/<name>            a timm model on the Hugging Face Hub, e.g. DeepMind's F0 as timm
+                                 ships it: hf-hub:timm/dm_nfnet_f0.dm_in1k (cached; offline from
+                                 the cache with HF_HUB_OFFLINE=1)
+  dm:<F0_haiku.npz>              DeepMind's own released checkpoint
   none:<variant>                 random weights: the from-scratch baseline with the same budget
 The head is kept when the target has the pretrained label set, otherwise replaced by a new one
 (finetune.init.head_init, zeros by default); finetune.init.freeze=[stem,stages.0] freezes modules.
@@ -40,7 +44,8 @@ from pipeline.transfer import (
 def main(argv: list[str] | None = None) -> int:
     ap = stage_parser(__doc__)
     ap.add_argument("--init", required=True,
-                    help="pretrained model folder, published folder, timm:<arch>=<file>, or none:<variant>")
+                    help="pretrained model folder, published folder, timm:<arch>=<file>, "
+                         "hf-hub:<org>/<name>, dm:<file.npz>, or none:<variant>")
     add_training_args(ap, "finetune")
     args = ap.parse_intermixed_args(argv)
     recipe = load_recipe_or_exit(args.recipe, args.overrides)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run, tiny_model_dir
+from conftest import ROOT, run, run_stage, tiny_model_dir
 from pipeline import checkpoint as ckpt
 from pipeline.recipe import load_recipe
 from pipeline.transfer import (
@@ -94,7 +94,7 @@ def hub_cache(root, repo: str, folder) -> dict:
     return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root), "HF_HOME": str(root / "home")}
 
 
-def test_hub_init_reads_an_offline_cache_and_names_a_missing_model(tmp_path, monkeypatch):
+def test_hub_init_reads_an_offline_cache_and_names_a_missing_model(tmp_path, demo_shards):
     folder = tiny_model_dir(tmp_path / "model")
     env = hub_cache(tmp_path / "hf", "test-org/tiny-nfnet", folder)
     code = (
@@ -107,7 +107,10 @@ def test_hub_init_reads_an_offline_cache_and_names_a_missing_model(tmp_path, mon
     want = load_file(str(folder / "model.safetensors"))["head.fc.weight"].abs().sum().item()
     assert (arch, classes) == ("dm_nfnet_f0", 5) and label.startswith("hf-hub:test-org/tiny-nfnet@3c0ffee")
     assert head == pytest.approx(want)
-    p = run([sys.executable, "-c", code, "hf-hub:test-org/not-there"], env=env, check=False)
-    assert p.returncode != 0
+    p = run_stage("finetune", "--recipe", str(RECIPE), "--init", "hf-hub:test-org/not-there",
+                  "--shards", str(demo_shards["finetune"]), "--out", str(tmp_path / "run"),
+                  env=env, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "hf-hub:test-org/not-there: it is not in the Hugging Face cache" in p.stderr
     assert "HF_HUB_OFFLINE=1" in p.stderr and "hf download test-org/not-there" in p.stderr
+    assert not (tmp_path / "run").exists()
