@@ -137,6 +137,9 @@ class LoaderSection:
     num_workers: int = bounds(ge=0)       # dataloader worker processes per device
     shuffle_block: int = bounds(ge=1)     # samples shuffled together within the epoch stream
     decode: Literal["cpu", "device"] = "cpu"   # device: nvJPEG decode + augmentation on the GPU
+    bad_samples: Literal["stop", "skip"] = "stop"  # a sample that cannot be read: stop the run,
+                                          # or replace it (by one of its batch) and count it
+    max_bad_samples: int = bounds(ge=0, default=100)  # skip: stop when more than this many
 
 
 @dataclass(kw_only=True)

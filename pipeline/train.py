@@ -32,16 +32,28 @@ from pipeline import runtime
 from pipeline.agc import AGC
 from pipeline.data.device_aug import DeviceAugment
 from pipeline.data.manifest import SplitInfo, load_split, read_manifest
-from pipeline.data.reader import Cursor, TrainStreams, advance, make_loader, micro_batches, rescale_cursor
+from pipeline.data.reader import (
+    Cursor,
+    DataError,
+    TrainStreams,
+    advance,
+    checked,
+    make_loader,
+    micro_batches,
+    rescale_cursor,
+)
 from pipeline.data.transforms import train_augment
 from pipeline.evaluate import validate
 from pipeline.io import atomic_write_text
 from pipeline.plan import Plan, make_plan
+from pipeline.preemption import Preempted, RunControl
 from pipeline.recipe import TrainSection, to_dict
 from pipeline.step import StepRunner, build_optimizer, build_scheduler, ema_decay
 from pipeline.variants import has_batchnorm
 
-__all__ = ["Job", "NonFiniteLoss", "TrainResult", "Trainer", "build_optimizer", "ema_decay", "run"]
+__all__ = ["DataError", "Job", "NonFiniteLoss", "Preempted", "TrainResult", "Trainer",
+           "build_optimizer", "ema_decay", "run"]
+PREEMPTED = "PREEMPTED.json"      # written when a signal stopped the run; removed when it finishes
 
 
 class NonFiniteLoss(RuntimeError):
@@ -77,10 +89,12 @@ class TrainResult:
     plan: Plan
     val: dict[str, dict[str, float]] = field(default_factory=dict)   # weights -> top1, nll
     compile_s: float | None = None   # wall time of the first step, which compiles (compile on)
+    bad_samples: int = 0                # unreadable samples replaced (loader.bad_samples: skip)
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in (
-            "steps", "train_loss", "img_per_s", "train_time_s", "skipped_steps", "peak_mem_mb")}
+            "steps", "train_loss", "img_per_s", "train_time_s", "skipped_steps", "peak_mem_mb",
+            "bad_samples")}
         if self.compile_s is not None:
             out["compile_s"] = self.compile_s
         for name, m in self.val.items():
@@ -90,13 +104,20 @@ class TrainResult:
 
 
 def run(job: Job) -> TrainResult:
-    """Train; write checkpoints, the final model folder and metrics.json under `job.out`."""
+    """Train; write checkpoints, the final model folder and metrics.json under `job.out`. A stop
+    signal from here on (pipeline/preemption.py) ends the run at a step boundary with a
+    checkpoint (Preempted); unreadable data ends it with DataError."""
     trainer = Trainer(job)
-    trainer.setup()
-    trainer.resume()
-    with trainer.sample_key_log() as keys_log:
-        trainer.open_data(keys_log)
-        trainer.train()
+    with RunControl() as control:
+        trainer.control = control
+        trainer.setup()
+        trainer.resume()
+        with trainer.sample_key_log() as keys_log:
+            trainer.open_data(keys_log)
+            try:
+                trainer.train()
+            finally:
+                trainer.close_data()
     return trainer.finish()
 
 
@@ -110,6 +131,9 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.last_loss, self.rate = float("nan"), 0.0
         self.compile_s: float | None = None
+        self.saved_step = -1                    # the step of the newest checkpoint written
+        self.bad: list[dict] = []               # this process's replaced samples
+        self.control = RunControl()             # replaced by run()'s, whose handlers are live
 
     # -- phase 1 ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -178,10 +202,10 @@ class Trainer:
                                workers=plan.loader_workers, sub_batch=plan.sub_batch,
                                on_device=on_device)
         loader = make_loader(dataset, plan.loader_workers, pin_memory=self.device.type == "cuda")
+        batches = checked(micro_batches(loader, max(1, plan.loader_workers)), self.report_bad)
         self.runner = StepRunner(
-            acc, self.ddp_model, self.forward, self.optimizer, self.agc, s, plan,
-            micro_batches(loader, max(1, plan.loader_workers)), keys_log,
-            DeviceAugment(s.train_res, s.augment, self.device) if on_device else None)
+            acc, self.ddp_model, self.forward, self.optimizer, self.agc, s, plan, batches,
+            keys_log, DeviceAugment(s.train_res, s.augment, self.device) if on_device else None)
         has_val = "val" in read_manifest(job.shards)["splits"]
         self.val_split = load_split(job.shards, "val", job.shard_url) if has_val else None
         if acc.log_with:
@@ -189,9 +213,18 @@ class Trainer:
                 "dir": str(self.out / "dvclive"), "dvcyaml": None, "save_dvc_exp": False,
                 "resume": self.resumed_from is not None}})
 
+    def close_data(self) -> None:
+        """Shut the loader's workers down now (they ignore stop signals, so they must not be
+        left to the interpreter's exit, which would wait for them forever)."""
+        runner = getattr(self, "runner", None)
+        if runner is not None and runner.batches is not None:
+            runner.batches.close()             # frees the DataLoader iterator: workers stop
+            runner.batches = None
+
     # -- phase 4 ---------------------------------------------------------------------------------
     def train(self) -> None:
-        """The step loop, from the resumed step to the plan's last."""
+        """The step loop, from the resumed step to the plan's last. At every step boundary the
+        processes agree on stopping (a signal: Preempted) and on unreadable data (DataError)."""
         s, plan, dev = self.section, self.plan, self.device
         bar = tqdm(total=plan.total_steps, initial=self.step, disable=not self.acc.is_main_process,
                    desc=self.job.stage, dynamic_ncols=True, mininterval=1.0)
@@ -201,27 +234,85 @@ class Trainer:
         self.steps_since = 0
         _train_mode(self.ddp_model, s.freeze_bn_stats)
         runtime.reset_peak_memory(dev)
-        while self.step < plan.total_steps:
-            t0 = time.perf_counter()
-            self.scheduler.step_update(self.step)
-            step_loss = self.runner.step(self.step)
-            if s.compile and self.step == self.start_step:
-                self.compile_s = time.perf_counter() - t0     # first step: compiles fwd + bwd
-            self._account(step_loss)
-            if self.ema is not None:
-                self.ema.apply_update_(self.model, ema_decay(self.step, s.ema_decay))
-            self.step += 1
-            self.steps_since += 1
-            bar.update(1)
-            at_end = self.step == plan.total_steps
-            if self.step % s.log_every == 0 or at_end:
-                self.log(bar)
-            if (s.checkpoint_every and self.step % s.checkpoint_every == 0) or at_end:
-                self.save_checkpoint()
-            if self.val_split is not None and s.eval_every and self.step % s.eval_every == 0:
-                self.validate_point(bar)
-        bar.close()
+        control = self.control
+        try:
+            while self.step < plan.total_steps:
+                stop, bad = control.exchange()
+                self.stop_if_bad_data(bad)
+                if stop:
+                    bar.close()
+                    self.preempt(control.signame)
+                self.one_step(bar)
+                control.bad_samples = len(self.bad)
+        finally:
+            bar.close()                  # whatever ends the loop, the next line starts clean
         self.train_time_s = time.perf_counter() - self.t_start
+
+    def one_step(self, bar: tqdm) -> None:
+        """An optimiser step, EMA, and what falls due after it: log, checkpoint, validation."""
+        s, plan = self.section, self.plan
+        t0 = time.perf_counter()
+        self.scheduler.step_update(self.step)
+        step_loss = self.runner.step(self.step)
+        if s.compile and self.step == self.start_step:
+            self.compile_s = time.perf_counter() - t0     # first step: compiles fwd + bwd
+        self._account(step_loss)
+        if self.ema is not None:
+            self.ema.apply_update_(self.model, ema_decay(self.step, s.ema_decay))
+        self.step += 1
+        self.steps_since += 1
+        bar.update(1)
+        at_end = self.step == plan.total_steps
+        if self.step % s.log_every == 0 or at_end:
+            self.log(bar)
+        if (s.checkpoint_every and self.step % s.checkpoint_every == 0) or at_end:
+            self.save_checkpoint()
+        if self.val_split is not None and s.eval_every and self.step % s.eval_every == 0:
+            self.validate_point(bar)
+
+    def report_bad(self, record: dict) -> None:
+        """A sample the loader could not read and replaced: counted, and said once."""
+        self.bad.append(record)
+        s = self.section.loader
+        where = f"rank {self.acc.process_index}: " if self.acc.num_processes > 1 else ""
+        policy = ("the run stops at the next step boundary" if s.bad_samples == "stop" else
+                  f"{len(self.bad)} on this process, the run stops beyond {s.max_bad_samples}")
+        print(f"[{self.job.stage}] {where}unreadable sample {record['key']} in {record['url']}: "
+              f"{record['reason']}; replaced by {record['replaced_by']} "
+              f"(loader.bad_samples={s.bad_samples}: {policy})", flush=True)
+
+    def stop_if_bad_data(self, total: int) -> None:
+        """Stop (every process at once) when unreadable samples exceed the recipe's policy."""
+        s, stage = self.section.loader, self.job.stage
+        budget = 0 if s.bad_samples == "stop" else s.max_bad_samples
+        if total <= budget:
+            return
+        first = self.bad[0] if self.bad else None
+        what = (f"the first here: {first['key']} in {first['url']}: {first['reason']}" if first
+                else "see the other processes' lines above")
+        fix = (f"re-shard the damaged shards, or set {stage}.loader.bad_samples=skip to train "
+               f"around them" if s.bad_samples == "stop" else
+               f"re-shard the damaged shards, or raise {stage}.loader.max_bad_samples")
+        url = first["url"] if first else ""
+        raise DataError(f"[{stage}] {total} training sample(s) could not be read "
+                        f"(loader.bad_samples={s.bad_samples}, allowed {budget}); {what}. "
+                        f"Check the shards: python stages/shard.py --verify --out "
+                        f"{Path(url).parent if url else '<shards>'}; then {fix}")
+
+    def preempt(self, signame: str) -> None:
+        """Stop at this step boundary: one complete checkpoint, `<out>/PREEMPTED.json`, the
+        trackers flushed; raises Preempted (the stage exits with EXIT_PREEMPTED)."""
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        last = ckpt.complete_checkpoints(self.ckpt_root)
+        where = str(last[-1]) if last else "(none)"
+        if self.acc.is_main_process:
+            atomic_write_text(self.out / PREEMPTED, json.dumps(
+                {"step": self.step, "signal": signame, "checkpoint": where,
+                 "resume": "run the same command again (--resume auto)"}, indent=1) + "\n")
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        raise Preempted(self.step, signame, where)
 
     def _account(self, step_loss: torch.Tensor) -> None:
         """Add a step's loss to the running sum and remember the first non-finite step, on the
@@ -283,6 +374,7 @@ class Trainer:
                                  self.ema.module if self.ema else None, state, meta,
                                  self.section.keep_checkpoints)
         self.acc.wait_for_everyone()
+        self.saved_step = self.step
 
     def validate_point(self, bar: tqdm) -> None:
         """A point of the validation curve (`eval_every`): top-1 of the EMA (else raw) weights."""
@@ -314,9 +406,12 @@ class Trainer:
                                         "mixed_precision": acc.mixed_precision}
             ckpt.save_model_dir(self.out / "model", self.model, ema, config)
         acc.wait_for_everyone()
+        bad = int(acc.reduce(torch.tensor(len(self.bad), device=self.device), "sum").item()
+                  if acc.num_processes > 1 else len(self.bad))
         result = TrainResult(self.step, self.last_loss, self.rate, self.train_time_s,
                              self.runner.skipped, runtime.peak_memory_mb(self.device),
-                             self.start_step, self.plan, compile_s=self.compile_s)
+                             self.start_step, self.plan, compile_s=self.compile_s,
+                             bad_samples=bad)
         if self.val_split is not None:
             models = {k: v for k, v in (("ema", ema), ("raw", self.model)) if v is not None}
             result.val = {k: {"top1": m["top1"], "nll": m["nll"]}
@@ -324,6 +419,7 @@ class Trainer:
         if acc.is_main_process:
             metrics = result.metrics()
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            (self.out / PREEMPTED).unlink(missing_ok=True)      # finished: nothing to requeue
             print(json.dumps(metrics, indent=2))
         acc.end_training()      # closes the trackers (and, in accelerate >= 1.x, the process group)
         return result

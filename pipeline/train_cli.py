@@ -11,6 +11,7 @@ from pipeline.cli import fail
 from pipeline.data.manifest import ManifestError, load_split, manifest_path, read_manifest
 from pipeline.io import sha256_file
 from pipeline.plan import Plan, dry_run_report, make_plan
+from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
 from pipeline.recipe import TrainSection
 
 
@@ -29,6 +30,8 @@ def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
                     help="write the sample keys each process trains on to DIR/rank<N>.jsonl (audits)")
     ap.add_argument("--processes", type=int, default=None,
                     help="processes to plan for with --dry-run (default: this launch)")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of a stop (data errors, NaN, signals)")
 
 
 def training_data(args: argparse.Namespace, section: TrainSection, stage: str
@@ -55,14 +58,41 @@ def data_lineage(args: argparse.Namespace) -> dict:
             "manifest_sha256": sha256_file(manifest_path(args.shards))}
 
 
-def train_and_finish(job: train.Job) -> int:
-    """Run a training job (pipeline.train: checkpoints, model folder, metrics.json); a NaN loss
-    exits with 1."""
+def train_and_finish(job: train.Job, debug: bool = False) -> int:
+    """Run a training job (pipeline.train: checkpoints, model folder, metrics.json). The ends a
+    user can meet, each as one line (a traceback with --debug):
+        0   finished
+        1   stopped: the loss became NaN or infinite, or training data could not be read
+        75  stopped by SIGTERM / SIGUSR1 / SIGINT with a complete checkpoint: run the same
+            command again to resume (a scheduler can requeue on 75; <out>/PREEMPTED.json too)
+        130 aborted by a second Ctrl-C (the newest complete checkpoint is intact)"""
     try:
         train.run(job)
-    except train.NonFiniteLoss as e:
-        fail(str(e), code=1)
+    except train.Preempted as e:
+        if debug:
+            raise
+        if runtime.is_main_process():
+            print(f"[{job.stage}] stopped by {e.signame} after step {e.step}: checkpoint "
+                  f"{e.checkpoint}; resume with the same command (exit {EXIT_PREEMPTED}: "
+                  f"requeue)", flush=True)
+        sys.exit(EXIT_PREEMPTED)
+    except (train.NonFiniteLoss, train.DataError) as e:
+        if debug:
+            raise
+        _fail_once(str(e), code=1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _fail_once(f"[{job.stage}] aborted by a second Ctrl-C; the newest complete checkpoint "
+                   f"under {job.out / 'checkpoints'} is intact", code=EXIT_ABORTED)
     return 0
+
+
+def _fail_once(message: str, code: int) -> None:
+    """Every process stops together; one of them says why."""
+    if runtime.is_main_process():
+        fail(message, code)
+    sys.exit(code)
 
 
 def plan_or_exit(args: argparse.Namespace, section: TrainSection, stage: str, num_samples: int,

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
                     init_fingerprint=src.fingerprint, record_keys=args.log_samples,
                     shard_url=args.shard_url)
-    return train_and_finish(job)
+    return train_and_finish(job, args.debug)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                    {**plan.as_dict(), **data_lineage(args)}, args.overrides)
     job = train.Job("pretrain", section, model, args.shards, args.out, config, resume=args.resume,
                     record_keys=args.log_samples, shard_url=args.shard_url)
-    return train_and_finish(job)
+    return train_and_finish(job, args.debug)
 
 
 if __name__ == "__main__":

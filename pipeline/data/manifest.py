@@ -12,7 +12,7 @@ every shard and the skipped-input count, and at the top the class names and the 
       "splits": {
         "train": {"name": "train", "num_samples": 1000,
                   "filenames": ["train-000000.tar", ...], "shard_lengths": [256, ...],
-                  "sha256": ["...", ...], "skipped": 0}
+                  "sha256": ["...", ...], "sizes": [bytes, ...], "skipped": 0}
       }
     }
 """
@@ -43,6 +43,7 @@ class SplitInfo:
     sha256: tuple[str, ...]
     num_classes: int
     class_names: tuple[str, ...]
+    sizes: tuple[int, ...] = ()          # bytes per shard (manifests before 2026-12 have none)
 
     @property
     def num_samples(self) -> int:
@@ -100,7 +101,7 @@ def load_split(root: str | os.PathLike, split: str, shard_url: str | None = None
     class_names = tuple(info.get("class_names") or ())
     num_classes = int(info.get("num_classes") or len(class_names))
     return SplitInfo(split, tuple(urls), lengths, tuple(s.get("sha256") or ()), num_classes,
-                     class_names)
+                     class_names, tuple(int(b) for b in s.get("sizes") or ()))
 
 
 def write_manifest(root: str | os.PathLike, info: dict[str, Any]) -> Path:

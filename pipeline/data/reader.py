@@ -27,8 +27,11 @@ transformed identically whichever worker reads it, before or after a resume.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -43,6 +46,7 @@ from pipeline.data.manifest import SplitInfo
 from pipeline.data.mixing import MixPlan, apply_plan, example_seed, quantize
 from pipeline.data.mixing import make_plan as make_mix_plan
 from pipeline.data.transforms import TrainAugment
+from pipeline.preemption import ignore_stop_signals
 
 # ------------------------------------------------------------------------------------------------
 # The epoch order
@@ -61,22 +65,67 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.default_rng([seed, epoch, index, 0xA06]).integers(2**31))
 
 
-def open_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar (local path, `pipe:` command or URL) as dicts of raw bytes."""
-    stream = wds.tariterators.url_opener([dict(url=url)])
-    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(stream))
+class DataError(RuntimeError):
+    """Training data that cannot be used; the message names the shard, the sample and the fix."""
+
+
+def open_shard(url: str, stream=None) -> Iterator[dict[str, Any]]:
+    """Samples of one tar (local path, `pipe:` command or URL) as dicts of raw bytes; `stream`
+    reads the bytes instead of opening `url` (a hashing reader)."""
+    src = [dict(url=url, stream=stream)] if stream is not None else \
+        wds.tariterators.url_opener([dict(url=url)])
+    return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(src))
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+class _HashingReader:
+    """A file wrapper that hashes what is read (one pass gives samples and sha256)."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def finish(self) -> str:
+        while self.read(1 << 20):      # tarfile may stop before the end-of-archive padding
+            pass
+        return self.h.hexdigest()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _fix_hint(url: str) -> str:
+    folder = os.path.dirname(url) if _is_local(url) else "<shards>"
+    return (f"check the shards with `python stages/shard.py --verify --out {folder}` and re-run "
+            f"the shard stage for the damaged ones")
 
 
 class PositionReader:
     """Reads raw samples by position in one epoch's shard order, sequentially.
 
     Consecutive reads continue the open tar; a jump reopens the shard and skips to the offset.
+    A local shard is checked against the manifest when it is opened (its size) and when it has
+    been read from its first byte to its last (its sha256, hashed on the fly: ~1% of a worker's
+    time, measured in benchmarks/RESULTS.md); a changed shard stops training with DataError.
+    Samples that cannot be read (a truncated or damaged tar) come back as markers
+    {"__key__", "__url__", "__error__"} for the loader to count and replace.
     """
 
     def __init__(self, split: SplitInfo, order: np.ndarray):
         self.urls = [split.urls[i] for i in order]
+        self.sha = [split.sha256[i] if split.sha256 else None for i in order]
+        self.sizes = [split.sizes[i] if split.sizes else None for i in order]
         self.starts = np.concatenate([[0], np.cumsum([split.shard_lengths[i] for i in order])])
         self._it: Iterator[dict] | None = None
+        self._hash: _HashingReader | None = None
+        self._broken: str | None = None          # why the open shard cannot be read further
         self._next = -1
         self._shard = -1
 
@@ -87,27 +136,65 @@ class PositionReader:
         while self._next < p1:
             if self._next >= self.starts[self._shard + 1]:
                 self._open(self._shard + 1)
-            try:
-                sample = next(self._it)
-            except StopIteration:
-                raise RuntimeError(
-                    f"shard {self.urls[self._shard]} ended early: the manifest says "
-                    f"{self.starts[self._shard + 1] - self.starts[self._shard]} samples. "
-                    f"Check it with `python stages/shard.py --verify`") from None
-            out.append(sample)
+            out.append(self._sample())
             self._next += 1
+            if self._next == self.starts[self._shard + 1]:
+                self._verify()
         return out
 
-    def _open(self, shard: int) -> None:
-        self._shard = shard
-        self._it = open_shard(self.urls[shard])
+    def _sample(self) -> dict[str, Any]:
+        url = self.urls[self._shard]
+        if self._broken is None:
+            try:
+                return next(self._it)
+            except StopIteration:
+                expected = int(self.starts[self._shard + 1] - self.starts[self._shard])
+                got = self._next - int(self.starts[self._shard])
+                self._broken = (f"the tar ends after {got} samples; the manifest says {expected} "
+                                f"(truncated?)")
+            except Exception as e:          # tarfile / webdataset raise several types
+                self._broken = f"the tar cannot be read ({type(e).__name__}: {e})"
+            self._hash = None
+        position = self._next - int(self.starts[self._shard])
+        return {"__key__": f"{os.path.basename(url)}#{position}", "__url__": url,
+                "__error__": self._broken}
+
+    def _open(self, shard: int, whole: bool = True) -> None:
+        self._shard, self._broken, self._hash = shard, None, None
+        url = self.urls[shard]
+        if not _is_local(url):
+            self._it = open_shard(url)
+            return
+        size, expected = os.path.getsize(url), self.sizes[shard]
+        if expected is not None and size != expected:
+            raise DataError(f"shard {url} is {size:,} bytes; the manifest says {expected:,}: it "
+                            f"changed after sharding; {_fix_hint(url)}")
+        f = open(url, "rb")
+        if whole and self.sha[shard]:
+            self._hash = _HashingReader(f)
+            self._it = open_shard(url, self._hash)
+        else:
+            self._it = open_shard(url, f)
+
+    def _verify(self) -> None:
+        """At the end of a shard read from its first byte: its sha256 against the manifest."""
+        if self._hash is None:
+            return
+        digest, expected, url = self._hash.finish(), self.sha[self._shard], self.urls[self._shard]
+        self._hash = None
+        if digest != expected:
+            raise DataError(f"shard {url} does not match the manifest (sha256 {digest[:16]}... "
+                            f"instead of {expected[:16]}...): it changed after sharding; "
+                            f"{_fix_hint(url)}")
 
     def _seek(self, p: int) -> None:
         shard = int(np.searchsorted(self.starts, p, side="right") - 1)
-        self._open(shard)
+        skip = p - int(self.starts[shard])
+        self._open(shard, whole=skip == 0)
         self._next = int(self.starts[shard])
-        for _ in range(p - self._next):        # skip within the shard (reads, does not decode)
-            next(self._it)
+        for _ in range(skip):                  # skip within the shard (reads, does not decode)
+            self._sample()
+            self._next += 1
         self._next = p
 
 
@@ -235,8 +322,8 @@ def decode_sample(raw: dict) -> tuple[Image.Image, int]:
         img = img.convert("RGB")
         label = int(raw["cls"])
     except Exception as e:
-        raise RuntimeError(f"sample {key} in {raw.get('__url__', '?')} cannot be decoded ({e}); "
-                           f"check the shards with `python stages/shard.py --verify`") from e
+        raise DataError(f"sample {key} in {raw.get('__url__', '?')} cannot be decoded ({e}); "
+                        f"{_fix_hint(raw.get('__url__', ''))}") from e
     return img, label
 
 
@@ -274,28 +361,45 @@ class TrainStreams(IterableDataset):
         return self.iter_worker(info.id if info is not None else 0)
 
     def iter_worker(self, worker: int) -> Iterator[dict]:
-        """The endless fetches of one dataloader worker of this rank."""
+        """The endless fetches of one dataloader worker of this rank. A DataError (a shard that
+        changed since sharding) ends them with one {"error": message} fetch: the training
+        process raises it, with one clear line instead of a worker traceback."""
         its = [stream_samples(self.split, self.seed, self.block, s, self.cursor)
                for s in self.streams_of_worker(worker)]
         per_stream = self.sub_batch * self.augment.images_per_example
-        while True:
-            yield self.make_fetch([next(it) for it in its for _ in range(per_stream)])
+        try:
+            while True:
+                yield self.make_fetch([next(it) for it in its for _ in range(per_stream)])
+        except DataError as e:
+            yield {"error": str(e)}
 
     def make_fetch(self, samples: list[tuple[int, int, dict]]) -> dict:
-        """One fetch from (epoch, order index, raw sample) triples, in stream order."""
+        """One fetch from (epoch, order index, raw sample) triples, in stream order. A sample that
+        cannot be read or decoded is replaced by a readable one of the same fetch (the one
+        before it, else after it: deterministic, so batches stay equal and resume exact) and
+        reported under "bad"."""
         aug = self.augment
         seeds = [sample_seed(self.seed, epoch, idx) for epoch, idx, _ in samples]
-        out: dict = {"key": [raw["__key__"] for _, _, raw in samples],
+        raws = [raw for _, _, raw in samples]
+        decoded = None if self.on_device else [self._decode(raw) for raw in raws]
+        problems = [raw.get("__error__") or (_jpeg_problem(raw) if self.on_device else
+                                             decoded[i][1]) for i, raw in enumerate(raws)]
+        source = _replacements(problems)
+        out: dict = {"key": [raw["__key__"] for raw in raws],
                      "index": torch.tensor([e * self.split.num_samples + i for e, i, _ in samples]),
-                     "label": torch.tensor([_label(raw) for _, _, raw in samples])}
+                     "label": torch.tensor([_label(raws[j]) for j in source]),
+                     "bad": [{"key": raws[i]["__key__"], "url": raws[i].get("__url__", "?"),
+                              "reason": p, "replaced_by": raws[source[i]]["__key__"]}
+                             for i, p in enumerate(problems) if p]}
+        seeds = [seeds[j] for j in source]
         plan = (make_mix_plan(aug.pairs, seeds, aug.mixup_alpha, aug.cutmix_alpha,
                               (aug.res, aug.res)) if aug.mixing else None)
         if self.on_device:
-            out["jpeg"], out["offsets"] = pack_jpegs([raw["jpg"] for _, _, raw in samples])
+            out["jpeg"], out["offsets"] = pack_jpegs([raws[j]["jpg"] for j in source])
             out["seed"] = seeds
             return {**out, **(plan.to_dict() if plan is not None else {})}
-        images = torch.stack([self.image(raw, s, with_ra=not aug.ra_after_mix)
-                              for (_, _, raw), s in zip(samples, seeds)])
+        images = torch.stack([self.image(decoded[j][0], seeds[i], with_ra=not aug.ra_after_mix)
+                              for i, j in enumerate(source)])
         if plan is None:
             return {**out, "image": images}
         if not aug.ra_after_mix:                      # mixed on the device, in float
@@ -307,11 +411,21 @@ class TrainStreams(IterableDataset):
         return {**out, "image": torch.stack(examples), "label": out["label"][plan.a],
                 "label_b": out["label"][plan.b], "ratio": ratio}
 
-    def image(self, raw: dict, seed: int, with_ra: bool) -> torch.Tensor:
-        """Crop, flip (and RandAugment) of one image, seeded by the sample: the same whichever
-        worker or process reads it. timm's transforms draw from random, torch and numpy."""
+    @staticmethod
+    def _decode(raw: dict) -> tuple[Image.Image | None, str | None]:
+        if raw.get("__error__"):
+            return None, raw["__error__"]
+        try:
+            return decode_sample(raw)[0], None
+        except DataError as e:
+            cause = e.__cause__ or e
+            reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(cause))
+            return None, f"cannot be decoded ({type(cause).__name__}: {reason})"
+
+    def image(self, img: Image.Image, seed: int, with_ra: bool) -> torch.Tensor:
+        """Crop, flip (and RandAugment) of one decoded image, seeded by the sample: the same
+        whichever worker or process reads it. timm's transforms draw from random, torch, numpy."""
         aug = self.augment
-        img, _ = decode_sample(raw)
         _seed_all(seed)
         img = aug.crop_flip(img)
         if with_ra and aug.randaugment is not None:
@@ -323,6 +437,38 @@ class TrainStreams(IterableDataset):
         _seed_all(seed)
         pil = Image.fromarray(image.permute(1, 2, 0).numpy())
         return self.augment.to_tensor(self.augment.randaugment(pil))
+
+
+def _replacements(problems: list[str | None]) -> list[int]:
+    """For each sample, the index of the sample used in its place: itself when readable, else the
+    nearest readable one before it, else after it. Raises DataError when none is readable."""
+    good = [i for i, p in enumerate(problems) if not p]
+    if not good:
+        raise DataError(f"no sample of a whole fetch ({len(problems)} samples) could be read: "
+                        f"{problems[0]}")
+    out = []
+    for i, p in enumerate(problems):
+        if not p:
+            out.append(i)
+        else:
+            before = [g for g in good if g < i]
+            out.append(before[-1] if before else good[0])
+    return out
+
+
+def _jpeg_problem(raw: dict) -> str | None:
+    """A cheap check for the device path (the GPU decodes): a JPEG starts with FFD8 and a
+    complete one ends with FFD9; a missing image or label is a problem too."""
+    data = raw.get("jpg")
+    if not data:
+        return "no jpg member"
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return "not a complete JPEG (truncated or damaged bytes)"
+    try:
+        int(raw["cls"])
+    except Exception as e:
+        return f"no readable label ({e})"
+    return None
 
 
 def _seed_all(seed: int) -> None:
@@ -345,8 +491,8 @@ def _label(raw: dict) -> int:
     try:
         return int(raw["cls"])
     except Exception as e:
-        raise RuntimeError(f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')} has no "
-                           f"readable label ({e}); check the shards with --verify") from e
+        raise DataError(f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')} has no "
+                        f"readable label ({e}); {_fix_hint(raw.get('__url__', ''))}") from e
 
 
 class EvalShards(IterableDataset):
@@ -378,7 +524,19 @@ def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool = False
     """A DataLoader that passes the dataset's batches through. Not given to accelerate.prepare:
     that would re-split (or broadcast) data we have already split by rank."""
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
+
+
+def checked(batches: Iterator[dict], on_bad: Callable[[dict], None]) -> Iterator[dict]:
+    """The micro-batches, with the loader's findings handled in the training process: an "error"
+    raises DataError (one line, no worker traceback); each replaced sample goes to `on_bad`."""
+    for batch in batches:
+        if "error" in batch:
+            raise DataError(batch["error"])
+        for record in batch.get("bad", ()):
+            on_bad(record)
+        yield batch
 
 
 def micro_batches(loader: DataLoader, fetches: int) -> Iterator[dict]:
@@ -391,7 +549,11 @@ def micro_batches(loader: DataLoader, fetches: int) -> Iterator[dict]:
 
 def concat_batches(parts: list[dict]) -> dict:
     """One micro-batch from the fetches of the rank's workers (in worker order)."""
-    out: dict = {"key": [k for p in parts for k in p["key"]]}
+    errors = [p["error"] for p in parts if "error" in p]
+    if errors:
+        return {"error": errors[0]}
+    out: dict = {"key": [k for p in parts for k in p["key"]],
+                 "bad": [b for p in parts for b in p.get("bad", [])]}
     for k in ("label", "index", "label_b", "ratio", "image"):
         if k in parts[0]:
             out[k] = torch.cat([p[k] for p in parts])

@@ -361,6 +361,7 @@ def _manifest(source: Source, section: ShardSection, records: dict[str, list[dic
             "filenames": [r["file"] for r in recs],
             "shard_lengths": [r["count"] for r in recs],
             "sha256": [r["sha256"] for r in recs],
+            "sizes": [(report.parent / r["file"]).stat().st_size for r in recs],   # bytes
             "plan_sha256": [r["plan"] for r in recs],
             "skipped": sum(len(r["skipped"]) for r in recs),
             "ignored_files": source.splits[split].ignored,
