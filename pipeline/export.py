@@ -6,7 +6,8 @@ The folder loads with `timm.create_model("local-dir:<folder>", pretrained=True)`
                         global_pool, label_names, pretrained_cfg (input/test size, crop, mean/std,
                         classifier, first_conv); our lineage under `nfnet_pipeline`
     README.md           the model card (pipeline.model_card)
-    metrics.json        the evaluate stage's metrics (when there are some)
+    metrics.json        the evaluate stage's metrics (when there are some; the publish stage
+                        checks first that they were measured on these weights: lineage.py)
     recipes/            the resolved recipes of the runs that made it (pipeline.lineage finds them)
     SHA256SUMS          a sha256 of every other file (`sha256sum -c SHA256SUMS` checks them)
 Facts about the network (classifier, first conv, features, pooling) are read from the timm model
@@ -26,6 +27,7 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline.io import atomic_dir, sha256_file
+from pipeline.lineage import run_data, scored_record, shard_data
 from pipeline.model_card import model_card
 from pipeline.recipe import PublishSection
 
@@ -75,8 +77,10 @@ def check_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
 
 def _preprocessing(config: dict[str, Any], own: dict[str, Any],
                    metrics: dict[str, Any] | None) -> dict[str, Any]:
-    # The run's settings over the architecture's timm defaults; the evaluation's over both, so
-    # that what timm reproduces at test time is what the card's figures were measured with.
+    # The run's settings over the architecture's timm defaults; an evaluation's crop and
+    # interpolation over both, so that what timm reproduces at test time is what the card's
+    # figures were measured with. The test size is always the model's own: metrics at another
+    # resolution are refused (or, forced, not passed here).
     run = config.get("pretrained_cfg") or {}
     pc: dict[str, Any] = {"input_size": list(run.get("input_size") or own["input_size"])}
     pc["test_input_size"] = list(run.get("test_input_size") or pc["input_size"])
@@ -85,8 +89,6 @@ def _preprocessing(config: dict[str, Any], own: dict[str, Any],
     for key in ("crop_mode", "interpolation", "mean", "std"):
         pc[key] = run.get(key, own.get(key))
     if metrics:
-        if metrics.get("test_res"):
-            pc["test_input_size"] = [pc["input_size"][0], metrics["test_res"], metrics["test_res"]]
         pc["test_crop_pct"] = metrics.get("crop_pct", pc["test_crop_pct"])
         for key in ("crop_mode", "interpolation"):         # timm has one of each, used at test time
             pc[key] = metrics.get(key, pc[key])
@@ -95,9 +97,10 @@ def _preprocessing(config: dict[str, Any], own: dict[str, Any],
 
 def hub_config(config: dict[str, Any], model: nn.Module, license: str | None = None,
                metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """config.json for timm. Preprocessing comes from the run (test size, crop and interpolation
-    from the evaluation when there is one, so the card's figures are what timm reproduces);
-    classifier, first conv, features and pooling from the built model."""
+    """config.json for timm. Preprocessing comes from the run (crop and interpolation from the
+    evaluation when there is one, so the card's figures are what timm reproduces; `metrics` must
+    be this model's, see lineage.provenance_problems); classifier, first conv, features and
+    pooling from the built model."""
     own = dict(getattr(model, "pretrained_cfg", None) or {})     # the architecture's timm defaults
     pc = _preprocessing(config, own, metrics)
     pc["classifier"] = own.get("classifier")
@@ -128,6 +131,11 @@ def _check_named_layers(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> 
             if f"{name}.weight" not in state:
                 raise PublishError(f"timm's {key} for {cfg['architecture']} is '{name}', but the "
                                    f"weights have no '{name}.weight'")
+
+
+def weights_to_publish(model_dir: Path, weights: str) -> Path:
+    """The file `export_folder` publishes for publish.weights (ema / raw)."""
+    return ckpt.weights_file(model_dir, weights)
 
 
 def metrics_for(metrics: dict[str, Any], weights: str, source: Path) -> dict[str, Any]:
@@ -167,19 +175,31 @@ def _write_sums(folder: Path) -> None:
     (folder / SUMS).write_text("\n".join(sums) + "\n")
 
 
+def _data(recipes: dict[str, dict[str, Any]], metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """{stage: lineage.shard_data} of the training runs' shards and the evaluated ones."""
+    data = {stage: run_data(doc) for stage, doc in recipes.items()
+            if stage in ("pretrain", "finetune")}
+    scored = scored_record(metrics)
+    if scored and scored.get("shards"):
+        data["evaluate"] = shard_data(scored["shards"], scored.get("manifest_sha256"))
+    return data
+
+
 def export_folder(model_dir: Path, out: Path, section: PublishSection,
                   metrics: dict[str, Any] | None, recipe_files: dict[str, Path],
                   force: bool = False, extra_texts: dict[str, str] | None = None,
-                  repo: str | None = None) -> Path:
+                  repo: str | None = None, unchecked: list[str] | None = None) -> Path:
     """Write the publishable folder `out` as a whole or not at all (io.atomic_dir). Refuses
     weights that do not fit the architecture, and a different model already at `out`.
-    `extra_texts`: {relative path: text} written as well (the publish stage's own recipe)."""
+    `extra_texts`: {relative path: text} written as well (the publish stage's own recipe).
+    `unchecked`: why `metrics` could not be tied to these weights (publish was forced past
+    lineage.provenance_problems): config.json then takes nothing from them and the card says so."""
     config = ckpt.read_model_config(model_dir)
-    weights = ckpt.weights_file(model_dir, section.weights)
+    weights = weights_to_publish(model_dir, section.weights)
     model = meta_model(config)
     state = load_file(str(weights))
     check_weights(model, state, weights, config["architecture"])
-    cfg = hub_config(config, model, section.license, metrics)
+    cfg = hub_config(config, model, section.license, None if unchecked else metrics)
     _check_named_layers(cfg, state)
     _check_destination(out, sha256_file(weights), force)
     recipes = {stage: yaml.safe_load(p.read_text()) for stage, p in recipe_files.items()}
@@ -187,7 +207,8 @@ def export_folder(model_dir: Path, out: Path, section: PublishSection,
     texts = {"config.json": json.dumps(cfg, indent=2) + "\n", **(extra_texts or {})}
     if metrics is not None:
         texts["metrics.json"] = json.dumps(metrics, indent=2) + "\n"
-    texts["README.md"] = model_card(cfg, section, metrics, recipes, num_params, repo)
+    texts["README.md"] = model_card(cfg, section, metrics, recipes, num_params, repo,
+                                    data=_data(recipes, metrics), unchecked=unchecked or [])
 
     with atomic_dir(out) as tmp:
         shutil.copyfile(weights, tmp / WEIGHTS)         # same bytes: the sha stays the same

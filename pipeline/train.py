@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -200,9 +201,10 @@ class Trainer:
                                block=s.loader.shuffle_block, cursor=self.cursor,
                                rank=acc.process_index, world=acc.num_processes,
                                workers=plan.loader_workers, sub_batch=plan.sub_batch,
-                               on_device=on_device)
+                               on_device=on_device, strict=s.loader.bad_samples == "stop")
         loader = make_loader(dataset, plan.loader_workers, pin_memory=self.device.type == "cuda")
-        batches = checked(micro_batches(loader, max(1, plan.loader_workers)), self.report_bad)
+        batches = checked(micro_batches(loader, max(1, plan.loader_workers)), self.report_bad,
+                          lambda note: tqdm.write(f"[{job.stage}] warning: {note}", file=sys.stdout))
         self.runner = StepRunner(
             acc, self.ddp_model, self.forward, self.optimizer, self.agc, s, plan, batches,
             keys_log, DeviceAugment(s.train_res, s.augment, self.device) if on_device else None)
@@ -277,9 +279,9 @@ class Trainer:
         where = f"rank {self.acc.process_index}: " if self.acc.num_processes > 1 else ""
         policy = ("the run stops at the next step boundary" if s.bad_samples == "stop" else
                   f"{len(self.bad)} on this process, the run stops beyond {s.max_bad_samples}")
-        print(f"[{self.job.stage}] {where}unreadable sample {record['key']} in {record['url']}: "
-              f"{record['reason']}; replaced by {record['replaced_by']} "
-              f"(loader.bad_samples={s.bad_samples}: {policy})", flush=True)
+        tqdm.write(f"[{self.job.stage}] {where}unreadable sample {record['key']} in "
+                   f"{record['url']}: {record['reason']}; replaced by {record['replaced_by']} "
+                   f"(loader.bad_samples={s.bad_samples}: {policy})", file=sys.stdout)
 
     def stop_if_bad_data(self, total: int) -> None:
         """Stop (every process at once) when unreadable samples exceed the recipe's policy."""

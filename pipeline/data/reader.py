@@ -115,10 +115,14 @@ class PositionReader:
     been read from its first byte to its last (its sha256, hashed on the fly: ~1% of a worker's
     time, measured in benchmarks/RESULTS.md); a changed shard stops training with DataError.
     Samples that cannot be read (a truncated or damaged tar) come back as markers
-    {"__key__", "__url__", "__error__"} for the loader to count and replace.
+    {"__key__", "__url__", "__error__"} for the loader to count and replace. With `strict` off
+    (loader.bad_samples: skip) a shard that differs from the manifest is read as far as it goes,
+    and the finding rides on one of its samples ("__note__") to be said once.
     """
 
-    def __init__(self, split: SplitInfo, order: np.ndarray):
+    def __init__(self, split: SplitInfo, order: np.ndarray, strict: bool = True):
+        self.strict = strict
+        self._note: str | None = None
         self.urls = [split.urls[i] for i in order]
         self.sha = [split.sha256[i] if split.sha256 else None for i in order]
         self.sizes = [split.sizes[i] if split.sizes else None for i in order]
@@ -140,7 +144,15 @@ class PositionReader:
             self._next += 1
             if self._next == self.starts[self._shard + 1]:
                 self._verify()
+            if self._note is not None:
+                out[-1] = {**out[-1], "__note__": self._note}
+                self._note = None
         return out
+
+    def _mismatch(self, message: str) -> None:
+        if self.strict:
+            raise DataError(message)
+        self._note = message
 
     def _sample(self) -> dict[str, Any]:
         url = self.urls[self._shard]
@@ -167,8 +179,8 @@ class PositionReader:
             return
         size, expected = os.path.getsize(url), self.sizes[shard]
         if expected is not None and size != expected:
-            raise DataError(f"shard {url} is {size:,} bytes; the manifest says {expected:,}: it "
-                            f"changed after sharding; {_fix_hint(url)}")
+            self._mismatch(f"shard {url} is {size:,} bytes; the manifest says {expected:,}: it "
+                           f"changed after sharding; {_fix_hint(url)}")
         f = open(url, "rb")
         if whole and self.sha[shard]:
             self._hash = _HashingReader(f)
@@ -183,9 +195,9 @@ class PositionReader:
         digest, expected, url = self._hash.finish(), self.sha[self._shard], self.urls[self._shard]
         self._hash = None
         if digest != expected:
-            raise DataError(f"shard {url} does not match the manifest (sha256 {digest[:16]}... "
-                            f"instead of {expected[:16]}...): it changed after sharding; "
-                            f"{_fix_hint(url)}")
+            self._mismatch(f"shard {url} does not match the manifest (sha256 {digest[:16]}... "
+                           f"instead of {expected[:16]}...): it changed after sharding; "
+                           f"{_fix_hint(url)}")
 
     def _seek(self, p: int) -> None:
         shard = int(np.searchsorted(self.starts, p, side="right") - 1)
@@ -199,10 +211,10 @@ class PositionReader:
 
 
 def iter_order(split: SplitInfo, seed: int, epoch: int, block: int,
-               segments: list[tuple[int, int]]) -> Iterator[tuple[int, dict]]:
+               segments: list[tuple[int, int]], strict: bool = True) -> Iterator[tuple[int, dict]]:
     """(order index, raw sample) for the order ranges `segments` of `epoch`, in order."""
     n = split.num_samples
-    reader = PositionReader(split, shard_order(len(split.urls), seed, epoch))
+    reader = PositionReader(split, shard_order(len(split.urls), seed, epoch), strict)
     for a, b in segments:
         q = a
         while q < b:
@@ -300,13 +312,13 @@ def advance(cursor: Cursor, num_samples: int, samples: int) -> Cursor:
 
 
 def stream_samples(split: SplitInfo, seed: int, block: int, stream: int,
-                   cursor: Cursor) -> Iterator[tuple[int, int, dict]]:
+                   cursor: Cursor, strict: bool = True) -> Iterator[tuple[int, int, dict]]:
     """Endless (epoch, order index, raw sample) of one stream from the cursor on."""
     epoch, offset, segments = cursor.epoch, cursor.offset, cursor.segments
     while True:
         segs = segments[stream] if segments is not None else stream_segments(
             split.num_samples, cursor.num_streams, stream)
-        for idx, raw in iter_order(split, seed, epoch, block, _drop_prefix(segs, offset)):
+        for idx, raw in iter_order(split, seed, epoch, block, _drop_prefix(segs, offset), strict):
             yield epoch, idx, raw
         epoch, offset, segments = epoch + 1, 0, None
 
@@ -345,8 +357,8 @@ class TrainStreams(IterableDataset):
 
     def __init__(self, split: SplitInfo, augment: TrainAugment, *, seed: int, block: int,
                  cursor: Cursor, rank: int, world: int, workers: int, sub_batch: int,
-                 on_device: bool = False):
-        self.split, self.augment, self.on_device = split, augment, on_device
+                 on_device: bool = False, strict: bool = True):
+        self.split, self.augment, self.on_device, self.strict = split, augment, on_device, strict
         self.seed, self.block, self.cursor = seed, block, cursor
         self.rank, self.world, self.workers, self.sub_batch = rank, world, max(1, workers), sub_batch
         per_rank = cursor.num_streams // world
@@ -364,7 +376,7 @@ class TrainStreams(IterableDataset):
         """The endless fetches of one dataloader worker of this rank. A DataError (a shard that
         changed since sharding) ends them with one {"error": message} fetch: the training
         process raises it, with one clear line instead of a worker traceback."""
-        its = [stream_samples(self.split, self.seed, self.block, s, self.cursor)
+        its = [stream_samples(self.split, self.seed, self.block, s, self.cursor, self.strict)
                for s in self.streams_of_worker(worker)]
         per_stream = self.sub_batch * self.augment.images_per_example
         try:
@@ -390,7 +402,8 @@ class TrainStreams(IterableDataset):
                      "label": torch.tensor([_label(raws[j]) for j in source]),
                      "bad": [{"key": raws[i]["__key__"], "url": raws[i].get("__url__", "?"),
                               "reason": p, "replaced_by": raws[source[i]]["__key__"]}
-                             for i, p in enumerate(problems) if p]}
+                             for i, p in enumerate(problems) if p],
+                     "notes": [raw["__note__"] for raw in raws if "__note__" in raw]}
         seeds = [seeds[j] for j in source]
         plan = (make_mix_plan(aug.pairs, seeds, aug.mixup_alpha, aug.cutmix_alpha,
                               (aug.res, aug.res)) if aug.mixing else None)
@@ -419,7 +432,7 @@ class TrainStreams(IterableDataset):
             return decode_sample(raw)[0], None
         except DataError as e:
             cause = e.__cause__ or e
-            reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image bytes", str(cause))
+            reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(cause))
             return None, f"cannot be decoded ({type(cause).__name__}: {reason})"
 
     def image(self, img: Image.Image, seed: int, with_ra: bool) -> torch.Tensor:
@@ -528,14 +541,18 @@ def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool = False
                       worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
-def checked(batches: Iterator[dict], on_bad: Callable[[dict], None]) -> Iterator[dict]:
+def checked(batches: Iterator[dict], on_bad: Callable[[dict], None],
+            on_note: Callable[[str], None] = print) -> Iterator[dict]:
     """The micro-batches, with the loader's findings handled in the training process: an "error"
-    raises DataError (one line, no worker traceback); each replaced sample goes to `on_bad`."""
+    raises DataError (one line, no worker traceback); each replaced sample goes to `on_bad`,
+    each note (a shard that differs from the manifest, loader.bad_samples: skip) to `on_note`."""
     for batch in batches:
         if "error" in batch:
             raise DataError(batch["error"])
         for record in batch.get("bad", ()):
             on_bad(record)
+        for note in batch.get("notes", ()):
+            on_note(note)
         yield batch
 
 
@@ -553,7 +570,8 @@ def concat_batches(parts: list[dict]) -> dict:
     if errors:
         return {"error": errors[0]}
     out: dict = {"key": [k for p in parts for k in p["key"]],
-                 "bad": [b for p in parts for b in p.get("bad", [])]}
+                 "bad": [b for p in parts for b in p.get("bad", [])],
+                 "notes": [n for p in parts for n in p.get("notes", [])]}
     for k in ("label", "index", "label_b", "ratio", "image"):
         if k in parts[0]:
             out[k] = torch.cat([p[k] for p in parts])

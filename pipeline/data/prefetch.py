@@ -1,0 +1,168 @@
+"""The device data path off the step's critical path: decode, crop, flip (and RandAugment when it
+runs before mixing) of the next micro-batches while the current step runs (`loader.decode:
+device`).
+
+`DevicePrefetcher(batches, device_aug)` takes the iterator of raw micro-batches the step would
+read (JPEG bytes, per-sample seeds, a mix plan; reader.micro_batches) and yields the same batches
+in the same order, each with `image`: the augmented uint8 (B, 3, S, S) images on the device, in
+place of the JPEG bytes (`jpeg`, `offsets`). Everything else (labels, keys, seeds, the mix plan)
+passes through untouched; mixing, and RandAugment after mixing (DeepMind's order), stay in the
+step (pipeline/step.py), so the prefetcher never runs RandAugment on images that are mixed later.
+
+How (CUDA): a background thread pulls raw batches and prepares them on its own CUDA stream,
+`lookahead` micro-batches ahead (default 2). A thread, not only a stream, because nvJPEG's batched
+decode blocks its calling thread until the decode ends (torchvision synchronises its decode
+stream) and the parameter draws are Python: on the training thread both would hold back the
+launch of the next step's kernels. Synchronisation: after a batch's work the thread records an
+event on its stream; the consumer makes its current stream wait for that event before it uses the
+images (the GPU waits, the host does not), and marks the images as used on its stream
+(`record_stream`), so the caching allocator does not hand their memory back to the side stream
+while the step still reads it. CPU: prepared synchronously in `__next__` (lookahead 0): there is
+no second device to overlap with, and the 2-core CI machines gain nothing from a thread; a thread
+can still be asked for (the tests do, to check it yields the same batches).
+
+Determinism and resume: the thread reads the same iterator in the same order and draws every
+random parameter from the samples' own seeds, so the batches are identical with and without
+prefetching. It only looks ahead in the stream the step consumes anyway; a checkpoint's data
+cursor is computed from the optimiser steps taken (pipeline/train.py, Trainer.save_checkpoint:
+steps x accumulation x sub-batch x images per example), not from what was read or prefetched,
+so batches prefetched but not yet trained on are read again after a resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from pipeline.data.device_aug import DeviceAugment
+
+_END = object()
+
+
+def prepare(batch: dict, device_aug: DeviceAugment) -> dict:
+    """One raw micro-batch -> the same batch with `image` (augmented, on the device) in place of
+    the JPEG bytes. RandAugment runs here unless the batch is mixed later and RA follows mixing.
+    A batch without JPEG bytes (the loader's {"error": ...}) passes through as it is."""
+    if "jpeg" not in batch:
+        return batch
+    mixed_later = "mix_a" in batch and device_aug.ra_after_mix
+    out = {k: v for k, v in batch.items() if k not in ("jpeg", "offsets")}
+    out["image"] = device_aug(batch["jpeg"], batch["offsets"], batch["seed"],
+                              randaugment=not mixed_later)
+    return out
+
+
+class DevicePrefetcher:
+    """Iterator of prepared micro-batches (see the module docstring). `lookahead`: micro-batches
+    prepared ahead by a background thread (0: prepared in `__next__`; default 2 on CUDA, 0 else).
+    `close()` (or the end of a `with` block, or garbage collection) stops the thread."""
+
+    def __init__(self, batches: Iterator[dict], device_aug: DeviceAugment,
+                 lookahead: int | None = None):
+        self.batches, self.device_aug = batches, device_aug
+        self.device = device_aug.device
+        self.lookahead = (2 if self.device.type == "cuda" else 0) if lookahead is None else lookahead
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        if self.lookahead > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=self.lookahead)
+            self._stop = threading.Event()
+            # the thread holds no reference to self: dropping the prefetcher stops it (__del__)
+            self._thread = threading.Thread(
+                target=_work, args=(batches, device_aug, self._queue, self._stop),
+                name="device-prefetch", daemon=True)
+            self._thread.start()
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> dict:
+        if self._closed:
+            raise StopIteration
+        if self._thread is None:
+            return prepare(next(self.batches), self.device_aug)
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)                        # every later call ends too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._queue.put(item)
+            raise item                                   # the thread's error, as it was raised
+        batch, event = item
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)                     # the GPU waits for the side stream
+            batch["image"].record_stream(stream)         # memory stays ours until the step is done
+        return batch
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the batch in hand; prepared batches are dropped), then
+        close the source iterator (a generator over the DataLoader: its workers stop)."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        thread = self._thread
+        if thread is not None:
+            self._stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:                              # unblock a waiting put
+                    self._queue.get_nowait()
+            thread.join(timeout=10)
+            if thread.is_alive():                        # still inside the source: leave it be
+                return
+        close_source = getattr(self.batches, "close", None)
+        if close_source is not None:
+            close_source()
+
+    def __enter__(self) -> DevicePrefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _work(batches: Iterator[dict], device_aug: DeviceAugment, out: queue.Queue,
+          stop: threading.Event) -> None:
+    """The prefetch thread: prepare batches on a side stream, queue (batch, its event)."""
+    try:
+        with _side_stream(device_aug.device) as stream, torch.no_grad():
+            for raw in batches:
+                batch = prepare(raw, device_aug)
+                event = None
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                if not _put(out, (batch, event), stop):
+                    return
+        _put(out, _END, stop)
+    except BaseException as e:                           # raised again in the consumer
+        _put(out, e, stop)
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """The calling thread's own CUDA stream on the training device (None on the CPU)."""
+    if device.type != "cuda":
+        yield None
+        return
+    torch.cuda.set_device(device)                        # per thread: DDP ranks use cuda:k
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        yield stream
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Queue an item, waiting for room; False once the prefetcher is closed."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
