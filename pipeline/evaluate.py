@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpoint as ckpt
+from pipeline.runtime import compile_model
 from pipeline.data.manifest import SplitInfo
 from pipeline.data.reader import EvalShards, make_loader
 from pipeline.data.transforms import MEAN, STD, eval_transform, normalize
@@ -224,7 +225,7 @@ def compiled(model: nn.Module) -> nn.Module:
     """`torch.compile(model)`, made once per model object (validation during training calls this
     at every point: the compiled wrapper and its graphs are reused)."""
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model)
+        _COMPILED[model] = compile_model(model)
     return _COMPILED[model]
 
 

@@ -155,7 +155,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.plan)
         # not the loader: see reader.make_loader
         self.ddp_model, self.optimizer = self.acc.prepare(model, self.optimizer)
-        self.forward = torch.compile(self.ddp_model) if s.compile else self.ddp_model
+        self.forward = runtime.compile_model(self.ddp_model) if s.compile else self.ddp_model
         self.fingerprint = ckpt.fingerprint(job.stage, _resumable(s), self.split.urls,
                                             self.split.shard_lengths, job.init_fingerprint)
         self.ckpt_root = self.out / "checkpoints" / self.fingerprint
