@@ -19,7 +19,9 @@ signal. A single process needs no exchange.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,33 @@ class Preempted(Exception):
         self.step, self.signame, self.checkpoint = step, signame, checkpoint
 
 
+_held: list[int] = []        # signals that arrived while the stage was starting up
+
+
+@contextlib.contextmanager
+def hold_stop_signals() -> Iterator[None]:
+    """Around a training stage's main(): a stop signal during start-up (building the model,
+    reading manifests) no longer kills the process; it is kept, and the run stops at its first
+    step boundary with a checkpoint, like any other stop. The previous handlers come back on
+    exit (in-process callers, tests)."""
+    previous = {sig: signal.signal(sig, _hold) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _held.clear()
+
+
+def _hold(signum: int, frame) -> None:
+    if _held and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    if not _held:
+        print(f"{signal.Signals(signum).name} received while starting: the run will stop at its "
+              f"first step boundary", flush=True)
+    _held.append(signum)
+
+
 class RunControl:
     """Signals in, per-step agreement out (see the module docstring). Use as a context manager
     around the step loop: the handlers are installed on entry and restored on exit."""
@@ -51,6 +80,8 @@ class RunControl:
     def __enter__(self) -> RunControl:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if _held and self.signum is None:
+            self.signum = _held[0]
         return self
 
     def __exit__(self, *exc) -> None:

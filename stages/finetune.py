@@ -30,6 +30,7 @@ import sys
 from pipeline import checkpoint as ckpt
 from pipeline import runtime, train
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.preemption import hold_stop_signals
 from pipeline.recipe import write_resolved
 from pipeline.train_cli import add_training_args, data_lineage, plan_or_exit, train_and_finish, training_data
 from pipeline.transfer import (
@@ -42,6 +43,11 @@ from pipeline.transfer import (
 
 
 def main(argv: list[str] | None = None) -> int:
+    with hold_stop_signals():            # a scheduler's stop during start-up is kept, not fatal
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = stage_parser(__doc__)
     ap.add_argument("--init", required=True,
                     help="pretrained model folder, published folder, timm:<arch>=<file>, "

@@ -17,12 +17,18 @@ import sys
 from pipeline import checkpoint as ckpt
 from pipeline import train
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.preemption import hold_stop_signals
 from pipeline.recipe import write_resolved
 from pipeline.train_cli import add_training_args, data_lineage, plan_or_exit, train_and_finish, training_data
 from pipeline.variants import build_model, get_variant
 
 
 def main(argv: list[str] | None = None) -> int:
+    with hold_stop_signals():            # a scheduler's stop during start-up is kept, not fatal
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = stage_parser(__doc__)
     add_training_args(ap, "pretrain")
     args = ap.parse_intermixed_args(argv)

@@ -209,3 +209,19 @@ def _rank_pid(agent: int, rank: int) -> int:
                 return int(pid)
         time.sleep(0.1)
     raise AssertionError(f"no worker with RANK={rank} under {agent}")
+
+
+def test_a_signal_while_the_stage_starts_is_kept_until_the_first_boundary(demo_shards, tmp_path):
+    """SIGTERM as soon as the stage has written its resolved recipe (the model is built, the
+    data not yet opened): no kill mid-start; a checkpoint at the first boundary, exit 75."""
+    out = tmp_path / "run"
+    proc = start([sys.executable, ROOT / "stages" / "pretrain.py", *args(demo_shards["pretrain"], out)])
+    deadline = time.time() + 120
+    while not (out / "recipe.resolved.yaml").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    code, stdout, stderr = finish(proc)
+    assert code == EXIT_PREEMPTED, stderr[-3000:]
+    marker = json.loads((out / "PREEMPTED.json").read_text())
+    assert marker["step"] <= 1 and Path(marker["checkpoint"]).is_dir()
