@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.runtime import compile_model
 from pipeline.data.manifest import SplitInfo
 from pipeline.data.reader import EvalShards, make_loader
 from pipeline.data.transforms import MEAN, STD, eval_transform, normalize
+from pipeline.runtime import compile_model
 
 
 @dataclass

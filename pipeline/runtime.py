@@ -7,8 +7,8 @@ group up through the environment; accelerate's `PartialState` reads it.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
