@@ -62,7 +62,8 @@ def _source(facts: dict[str, Any] | None) -> str | None:
 
 
 def _runs(recipes: dict[str, dict[str, Any]], data: dict[str, dict[str, Any]]) -> str:
-    """"pre-trained on X, then fine-tuned on Y with nfnet-pipeline", in the order of the runs."""
+    """The intro's "pre-trained on X, then fine-tuned on Y with nfnet-pipeline", in the order
+    the runs happened."""
     done = [f"{verb} on {_source(data.get(stage))}" if _source(data.get(stage)) else verb
             for stage, verb, _ in RUNS if stage in recipes]
     if not done:
@@ -164,8 +165,9 @@ def _evaluation(section: PublishSection, metrics: dict[str, Any] | None, test_re
     nan = float("nan")
     caveat = ""
     if unchecked:
-        caveat = (f"**Not verified**: these figures were published with `--force` although "
-                  f"{'; '.join(unchecked)}. They may have been measured on another model.\n\n")
+        caveat = (f"**Not verified**: published with `--force`, these figures could not be checked "
+                  f"against this model ({'; '.join(unchecked)}); they may have been measured on "
+                  f"another model.\n\n")
     # the shards the evaluation records, else the recipe's name for the data (and it says so)
     of = evaluated or f"{_dataset(section)}, as the recipe's publish.datasets names it"
     return (

@@ -129,7 +129,11 @@ class RunControl:
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader worker init: the workers leave stopping to the training process (a Ctrl-C
-    reaches the whole process group; a worker that dies of it would break the loader)."""
-    for sig in STOP_SIGNALS:
+    """DataLoader worker init: Ctrl-C (sent to the whole process group) and SLURM's SIGUSR1 (sent
+    to every process of a job step without `B:`) are left to the training process, so that the
+    loader survives until the step boundary. SIGTERM still ends a worker: the interpreter's exit
+    terminates leftover workers with it (and would wait forever for one that ignored it); the
+    launchers (torchrun, Kubernetes, SLURM's `--signal=B:...` forwarded by slurm/pretrain.sbatch)
+    deliver it to the training processes, not to their loader workers."""
+    for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)

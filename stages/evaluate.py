@@ -12,7 +12,10 @@ config.json (as timm's `resolve_data_config(..., use_test_size=True)` reads them
 folder's one set is reported as `published`). On any number of processes every validation sample
 is predicted exactly once (the count is checked). Writes
     <out>/metrics.json         top-1, top-5, NLL, ECE, img/s of the first weights (EMA when there
-                               is one), the same for the others under their name (DVC metrics)
+                               is one), the same for the others under their name (DVC metrics);
+                               under `scored`, what was measured: the sha256 of each weights file,
+                               the class names, the test settings, the split and the shard
+                               manifest's sha256 (the publish stage checks them against the model)
     <out>/plots/               per_class.csv, confusion.csv, calibration.csv (`dvc plots`) and
                                evaluation.png; per_class_top1 and the confusion matrix in details.json
 and prints a short table.
@@ -26,9 +29,9 @@ from pathlib import Path
 from pipeline import checkpoint as ckpt
 from pipeline import runtime
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
-from pipeline.data.manifest import ManifestError, load_split
+from pipeline.data.manifest import ManifestError, load_split, manifest_path
 from pipeline.evaluate import class_names_of, load_models, validate, write_plots
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, sha256_file
 from pipeline.recipe import write_resolved
 
 SUMMARY = ("top1", "top5", "nll", "ece", "img_per_s", "forward_img_per_s")
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
              f"the label set the model was trained on")
 
     acc = runtime.make_accelerator("auto")
+    # hashed before loading, so the record names the bytes that were evaluated
+    shas = _weights_shas(args.model, section.weights) if acc.is_main_process else {}
     try:
         models, config, messages = load_models(args.model, section.weights, acc.device)
     except ckpt.CheckpointError as e:
@@ -79,13 +84,38 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         fail(f"{args.model} on {args.shards} ({args.split}): {e}")
     if acc.is_main_process:
-        write_outputs(args, recipe, results, names)
+        write_outputs(args, recipe, results, names, shas)
     acc.wait_for_everyone()
     acc.end_training()
     return 0
 
 
-def write_outputs(args, recipe, results: dict[str, dict], names: list[str]) -> None:
+def _weights_shas(model: Path, wanted: list[str]) -> dict[str, dict[str, str]]:
+    """{label: {"file", "sha256"}} of the weights files `load_models` picks for `wanted` (labels
+    ema / raw, or `published` for a published folder's one file)."""
+    shas = {}
+    for w in wanted:
+        try:
+            path, label, _ = ckpt.model_weights(model, w)
+        except ckpt.CheckpointError:
+            continue                    # load_models skips it too, with a message
+        if label not in shas:
+            shas[label] = {"file": str(path), "sha256": sha256_file(path)}
+    return shas
+
+
+def _scored_record(args, p: dict, names: list[str], shas: dict[str, dict[str, str]]) -> dict:
+    """What the figures were measured on: the model's weights files (sha256), classes and test
+    settings, and the data (split, shard manifest sha256). The publish stage refuses metrics whose
+    record does not match the model it publishes."""
+    return {"model": str(args.model), "weights": shas, "class_names": names,
+            **{k: p[k] for k in ("test_res", "crop_pct", "crop_mode", "interpolation")},
+            "split": args.split, "shards": str(args.shards), "shard_url": args.shard_url,
+            "manifest_sha256": sha256_file(manifest_path(args.shards))}
+
+
+def write_outputs(args, recipe, results: dict[str, dict], names: list[str],
+                  shas: dict[str, dict[str, str]]) -> None:
     primary = "ema" if "ema" in results else next(iter(results))
     p = results[primary]
     metrics = {"weights": primary, "split": args.split, "num_samples": p["num_samples"],
@@ -94,6 +124,10 @@ def write_outputs(args, recipe, results: dict[str, dict], names: list[str]) -> N
     for name, r in results.items():
         if name != primary:
             metrics[name] = {k: r[k] for k in SUMMARY}
+    # A one-item list: `dvc metrics show` makes a column of every string under a dict (shas,
+    # paths) but skips lists, so the table keeps to the figures while the file holds the record.
+    metrics["scored"] = [_scored_record(args, p, names, {k: v for k, v in shas.items()
+                                                        if k in results})]
     write_resolved(recipe, "evaluate", args.out, {"model": str(args.model), "split": args.split,
                                                   "weights": list(results),
                                                   "test_res": p["test_res"],

@@ -14,11 +14,18 @@ needed (`--private`), `--revision` names a branch (created from main if new), an
 ends up holding exactly the folder's files. The token comes from HF_TOKEN or `hf auth login` and
 is never printed or written.
 
+The metrics must be this model's: the evaluate stage records what it scored (metrics.json
+`scored`), and the sha256 of the weights published, config.json's label names and its test
+resolution must match that record. Otherwise (or with no record: metrics from before the check)
+the stage refuses; `--force` publishes them anyway, with a warning, a card that marks the figures
+as not verified, and config.json keeping the model's own test settings.
+
 Exit codes:
     0  the folder is written (and uploaded, with --repo)
     2  refused, with the reason: a bad recipe or input, no evaluation metrics (pass
-       --no-metrics-ok to publish without), tensors that do not match the architecture, or a
-       different model at --out or --repo (pass --force to replace it). A refusal at --repo
+       --no-metrics-ok to publish without), metrics not measured on this model (re-run evaluate,
+       or --force), tensors that do not match the architecture, or a different model at --out
+       or --repo (pass --force to replace it). A refusal at --repo
        comes after the local folder is complete; any other leaves --out as it was.
     3  the Hub cannot be reached (offline, HF_HUB_OFFLINE=1, no route to HF_ENDPOINT): nothing
        uploaded, the local folder is complete; run the same command again when online
@@ -35,9 +42,15 @@ from typing import Any
 
 from pipeline import checkpoint as ckpt
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
-from pipeline.export import PublishError, export_folder, metrics_for
+from pipeline.export import PublishError, export_folder, metrics_for, weights_to_publish
 from pipeline.hub import push
-from pipeline.lineage import evaluation_notes, lineage_recipes, missing_recipe_notes
+from pipeline.lineage import (
+    evaluation_notes,
+    lineage_recipes,
+    missing_recipe_notes,
+    provenance_problems,
+    scored_record,
+)
 from pipeline.recipe import PublishSection, resolved_text
 
 
@@ -54,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except ckpt.CheckpointError as e:
         fail(str(e))
     recipe_files = _recipe_files(args, config)
+    unchecked = _check_metrics(args, section, config, metrics)
     for note in (missing_recipe_notes(args.model, config, recipe_files)
-                 + evaluation_notes(config, metrics)):
+                 + ([] if unchecked else evaluation_notes(config, metrics))):
         print(f"[publish] note: {note}")
 
     resolved = {"model": str(args.model), "metrics": str(args.metrics) if args.metrics else None,
@@ -63,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         publish_yaml = resolved_text(recipe, "publish", resolved, args.overrides)
         folder = export_folder(args.model, args.out, section, metrics, recipe_files, args.force,
-                               {"recipes/publish.resolved.yaml": publish_yaml}, repo)
+                               {"recipes/publish.resolved.yaml": publish_yaml}, repo, unchecked)
     except (PublishError, ckpt.CheckpointError) as e:
         fail(str(e))
     print(f"[publish] wrote {folder} ({section.weights} weights; load it with "
@@ -86,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--revision", help="branch to push to (default: publish.revision, else main)")
     ap.add_argument("--commit-message", help="commit message (default: publish.commit_message)")
     ap.add_argument("--force", action="store_true",
-                    help="replace a different model at --out / --repo")
+                    help="replace a different model at --out / --repo; publish metrics that "
+                         "cannot be tied to this model (with a warning)")
     ap.add_argument("--no-metrics-ok", action="store_true",
                     help="publish without evaluation metrics (publish.require_metrics=false too)")
     return ap
@@ -106,6 +121,36 @@ def _metrics(args: argparse.Namespace, section: PublishSection) -> dict[str, Any
         fail("no evaluation metrics: pass --metrics runs/evaluate/metrics.json (run the evaluate "
              "stage first), or --no-metrics-ok to publish without them")
     return None
+
+
+def _check_metrics(args: argparse.Namespace, section: PublishSection, config: dict[str, Any],
+                   metrics: dict[str, Any] | None) -> list[str]:
+    """Why the metrics cannot be tied to the weights being published ([] when they can): exits 2
+    unless --force, which warns and goes on."""
+    if metrics is None:
+        return []
+    try:
+        weights = weights_to_publish(args.model, section.weights)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
+    problems = provenance_problems(config, metrics, weights, section.weights)
+    if not problems:
+        return []
+    if scored_record(metrics) is None:
+        why = (f"--metrics {args.metrics} predates the provenance check: it does not record which "
+               f"weights, classes and resolution it scored")
+    else:
+        why = (f"--metrics {args.metrics} do not match the model being published ({args.model}): "
+               f"{'; '.join(problems)}")
+    if not args.force:
+        fail(f"{why}. Re-run the evaluate stage on this model (python stages/evaluate.py --recipe "
+             f"{args.recipe} --model {args.model} --shards <its shards> --out <folder>), or pass "
+             f"--force to publish these figures unchecked")
+    own = (config.get("pretrained_cfg") or {}).get("test_input_size")
+    print(f"[publish] warning: --force: {why}. Publishing them unchecked: the card marks the "
+          f"figures as not verified, and config.json keeps the model's own test settings "
+          f"(test_input_size {own}), not the metrics'", file=sys.stderr)
+    return problems
 
 
 def _recipe_files(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Path]:

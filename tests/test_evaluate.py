@@ -15,9 +15,10 @@ from PIL import Image
 
 from conftest import ONE_THREAD, ROOT, run_stage, torchrun
 from pipeline.checkpoint import model_config, save_model_dir
-from pipeline.data.manifest import load_split, write_manifest
+from pipeline.data.manifest import load_split, manifest_path, write_manifest
 from pipeline.data.reader import EvalShards, make_loader
 from pipeline.evaluate import eval_settings
+from pipeline.io import sha256_file
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
@@ -102,6 +103,24 @@ def test_known_model_on_known_set_gives_the_hand_computed_metrics(tmp_path):
     assert (tmp_path / "eval" / "plots" / "evaluation.png").stat().st_size > 1000
     # the printed table
     assert "raw" in p.stdout and f"{5 / 13 * 100:7.2f}" in p.stdout and "img/s" in p.stdout
+
+    # what was scored: each weights file's sha256, the classes, test settings and data
+    scored = m["scored"][0]
+    assert scored["weights"] == {
+        "ema": {"file": str(tmp_path / "model" / "ema.safetensors"),
+                "sha256": sha256_file(tmp_path / "model" / "ema.safetensors")},
+        "raw": {"file": str(tmp_path / "model" / "model.safetensors"),
+                "sha256": sha256_file(tmp_path / "model" / "model.safetensors")}}
+    assert scored["weights"]["ema"]["sha256"] != scored["weights"]["raw"]["sha256"]
+    assert scored["class_names"] == classes and scored["split"] == "val"
+    assert (scored["test_res"], scored["crop_pct"], scored["crop_mode"], scored["interpolation"]) \
+        == (32, 1.0, "squash", "bilinear")         # the tiny variant squashes
+    assert scored["shards"] == str(tmp_path / "shards")
+    assert scored["manifest_sha256"] == sha256_file(manifest_path(tmp_path / "shards"))
+    # DVC's metrics table skips the record (a list) and keeps every figure
+    from dvc.repo.metrics.show import _extract_metrics
+    shown = _extract_metrics(m, "metrics.json")
+    assert "scored" not in shown and shown["top1"] == m["top1"] and shown["raw"] == m["raw"]
 
 
 # ------------------------------------------------------------------------------------------------

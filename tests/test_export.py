@@ -19,6 +19,7 @@ from pipeline.export import (
     hub_config,
     meta_model,
     metrics_for,
+    weights_to_publish,
 )
 from pipeline.io import sha256_file
 from pipeline.variants import build_model, count_params
@@ -47,12 +48,13 @@ def test_config_json_is_timms_hub_format(model_dir, tmp_path):
     assert cfg["nfnet_pipeline"]["variant"] == "tiny"
 
 
-def test_config_json_records_the_evaluated_test_setting(model_dir):
-    """The card's figures are what timm reproduces: the evaluation's test size and crop win."""
+def test_config_json_records_the_evaluated_crop_but_never_another_test_size(model_dir):
+    """The card's figures are what timm reproduces: the evaluation's crop and interpolation win;
+    the test size stays the model's own (metrics at another one are refused by the stage)."""
     config = json.loads((model_dir / "config.json").read_text())
     metrics = {"test_res": 48, "crop_pct": 0.9, "crop_mode": "center", "interpolation": "bilinear"}
     pc = hub_config(config, meta_model(config), metrics=metrics)["pretrained_cfg"]
-    assert pc["input_size"] == [3, 32, 32] and pc["test_input_size"] == [3, 48, 48]
+    assert pc["input_size"] == [3, 32, 32] and pc["test_input_size"] == [3, 40, 40]
     assert (pc["crop_pct"], pc["test_crop_pct"]) == (1.0, 0.9)
     assert (pc["crop_mode"], pc["interpolation"]) == ("center", "bilinear")
     with pytest.raises(PublishError, match="names 4 labels for 5 classes"):
@@ -78,6 +80,27 @@ def test_the_folder_is_replaced_as_a_whole_and_nothing_temporary_is_left(model_d
                 for line in (out / "SHA256SUMS").read_text().splitlines())
     assert set(sums) == files_in(out) - {"SHA256SUMS"}
     assert all(sums[name] == sha256_file(out / name) for name in sums)
+
+
+def test_unchecked_metrics_change_nothing_in_config_json_and_the_card_says_so(model_dir, tmp_path):
+    """Metrics published with --force past the provenance check: their figures are shown, marked
+    not verified; config.json keeps every test setting of the model's own."""
+    metrics = {"top1": 85.0, "split": "val", "num_samples": 80, "test_res": 48, "crop_pct": 0.9,
+               "crop_mode": "center", "interpolation": "bilinear"}
+    why = "ema weights: expected the sha256 of model/ema.safetensors (0123), got 4567"
+    out = export_folder(model_dir, tmp_path / "pub", publish_section(), metrics, {},
+                        unchecked=[why])
+    pc = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert pc["test_input_size"] == [3, 40, 40] and pc["test_crop_pct"] == 1.0
+    assert (pc["crop_mode"], pc["interpolation"]) == ("squash", "bicubic")
+    text = ModelCard.load(out / "README.md").text
+    assert f"**Not verified**: published with `--force`, these figures could not be checked " \
+           f"against this model ({why})" in text and "| 85.00 |" in text
+    assert json.loads((out / "metrics.json").read_text()) == metrics      # kept as given
+    # the file the check hashes is the one published
+    assert sha256_file(weights_to_publish(model_dir, "ema")) == \
+        sha256_file(out / "model.safetensors") == sha256_file(model_dir / "ema.safetensors")
+    assert weights_to_publish(model_dir, "raw") == model_dir / "model.safetensors"
 
 
 def test_check_weights_names_the_file_the_mismatch_and_the_fix(model_dir):

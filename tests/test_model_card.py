@@ -17,6 +17,14 @@ SAMPLES = {"pretrain": 355, "finetune": 360}        # as the demo's shards of di
 METRICS = {"weights": "ema", "split": "val", "num_samples": 180, "top1": 91.23456, "top5": 99.5,
            "nll": 0.31, "ece": 0.021, "test_res": 40, "crop_pct": 1.0}
 SECTIONS = ["How it was trained", "Evaluation", "How to use", "Limits", "Files"]
+# lineage.shard_data of each run's shards and the evaluated ones
+DATA = {"pretrain": {"shards": "/shards/digits-0-4", "source": "/raw/digits-0-4",
+                     "source_kind": "folder", "num_classes": 5,
+                     "splits": {"train": 355, "val": 90}, "manifest_sha256": "ab" * 32},
+        "finetune": {"shards": "/shards/digits-5-9", "source": "/raw/digits-5-9",
+                     "source_kind": "folder", "num_classes": 5,
+                     "splits": {"train": 360, "val": 179}, "manifest_sha256": "cd" * 32}}
+DATA["evaluate"] = DATA["finetune"]
 
 
 def resolved_recipes(overrides=OVERRIDES) -> dict[str, dict]:
@@ -37,10 +45,12 @@ def hub_cfg(arch="dm_nfnet_f0", variant="tiny", labels=("5", "6", "7", "8", "9")
             "nfnet_pipeline": {"variant": variant}}
 
 
-def card(cfg=None, metrics=METRICS, recipes=None, repo=None, overrides=()) -> ModelCard:
+def card(cfg=None, metrics=METRICS, recipes=None, repo=None, overrides=(), data=None,
+         unchecked=None) -> ModelCard:
     section = load_recipe(RECIPE, list(overrides)).publish
     text = model_card(cfg or hub_cfg(), section, metrics,
-                      resolved_recipes() if recipes is None else recipes, 26_000, repo)
+                      resolved_recipes() if recipes is None else recipes, 26_000, repo,
+                      data=DATA if data is None else data, unchecked=unchecked)
     return ModelCard(text)
 
 
@@ -62,9 +72,54 @@ def test_model_card_front_matter_and_body():
                  "finetune.test_res=40", "local-dir:", "use_test_size=True", "## Limits",
                  f"{METRICS['num_samples']} held-out images", 'hf-hub:my-org/nfnet-tiny"',
                  "| ema | 180 | 40 px | 91.23 | 99.50 | 0.3100 | 0.0210 |",
-                 "0.026 M parameters", "trained with nfnet-pipeline (pretrain then finetune)",
-                 "It knows 5 classes (5, 6, 7, 8, 9)", "This is the CPU demo model"):
+                 "0.026 M parameters", "It knows 5 classes (5, 6, 7, 8, 9)",
+                 "This is the CPU demo model"):
         assert fact in body, fact
+    assert "Not verified" not in body
+
+
+def test_the_body_names_the_sharded_data_and_the_runs_in_the_order_they_happened():
+    """Found fine-tuning first (as lineage walks back from the model), told pre-training first;
+    the data is what the shard manifests record, not the recipe's publish.datasets."""
+    recipes = resolved_recipes()
+    body = card(recipes={"finetune": recipes["finetune"], "pretrain": recipes["pretrain"]}).text
+    assert "5 classes, pre-trained on `/raw/digits-0-4` (folder), then fine-tuned on " \
+           "`/raw/digits-5-9` (folder) with nfnet-pipeline." in body
+    assert "- Data: pre-training on `/raw/digits-0-4` (folder): 355 training images, 5 classes; " \
+           "then fine-tuning on `/raw/digits-5-9` (folder): 360 training images, 5 classes " \
+           "(from the shard manifests the runs recorded)" in body
+    assert body.index("**Pre-training**") < body.index("**Fine-tuning**")
+    assert "  - data: 360 training images, 5 classes, from `/raw/digits-5-9` (folder), sharded " \
+           "to `/shards/digits-5-9` (manifest sha256 cdcdcdcdcdcd)" in body
+    assert "held-out images (split `val` of `/raw/digits-5-9` (folder))" in body
+    assert "sklearn-digits" not in body                 # the Hub metadata only
+    assert card().data.datasets == ["sklearn-digits"]
+
+
+def test_without_recorded_data_the_card_says_the_recipe_names_it():
+    recipes = resolved_recipes()
+    gone = {"missing": "its shard manifest /shards/x/_info.json is no longer there"}
+    body = card(data={"pretrain": gone, "finetune": gone}).text
+    assert "- Data: pre-training: not recorded (its shard manifest /shards/x/_info.json is no " \
+           "longer there); fine-tuning: not recorded (its shard manifest /shards/x/_info.json " \
+           "is no longer there). The runs record no data the card can read; the recipe names " \
+           "sklearn-digits (publish.datasets)" in body
+    assert f"  - data: {recipes['pretrain']['resolved']['num_samples']} training images (shards " \
+           "`?`; their source is not stated: its shard manifest" in body
+    assert "pre-trained, then fine-tuned with nfnet-pipeline" in body
+    assert "(split `val` of sklearn-digits, as the recipe's publish.datasets names it)" in body
+    # one run recorded, the other not: the recorded one is stated, the other said to be missing
+    body = card(data={"pretrain": gone, "finetune": DATA["finetune"]}).text
+    assert "- Data: pre-training: not recorded (its shard manifest" in body
+    assert "then fine-tuning on `/raw/digits-5-9` (folder): 360 training images" in body
+    assert "the recipe names" not in body
+
+
+def test_forced_metrics_are_marked_not_verified():
+    why = ["ema weights: expected the sha256 of model/ema.safetensors (b564910e2058), got 9f9f"]
+    body = card(unchecked=why).text
+    assert "**Not verified**: published with `--force`, these figures could not be checked " \
+           f"against this model ({why[0]}); they may have been measured on another model." in body
 
 
 def test_every_section_in_order_and_every_placeholder_filled():
@@ -77,11 +132,13 @@ def test_every_section_in_order_and_every_placeholder_filled():
 
 def test_an_unevaluated_card_claims_no_accuracy_and_says_what_it_is():
     resnet = hub_cfg(arch="resnet18", variant="tiny_bn", labels=[str(i) for i in range(25)])
-    found = card(resnet, metrics=None, recipes={})
+    found = card(resnet, metrics=None, recipes={}, data={})
     assert not found.data.eval_results
     for fact in ("Not evaluated: this card claims no accuracy", "Its accuracy is unknown",
                  "A timm `resnet18` image classifier", "(no resolved recipes found)",
-                 "runs not recorded", "(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, "
+                 "trained with nfnet-pipeline (runs not recorded)",
+                 "the recipe names sklearn-digits (publish.datasets)",
+                 "(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, "
                  "16, 17, 18, 19 ...)"):
         assert fact in found.text, fact
     assert "NFNet" not in found.text and "CPU demo model" not in found.text
@@ -91,5 +148,7 @@ def test_raw_weights_and_a_fine_tune_from_scratch_are_described():
     recipes = {"finetune": resolved_recipes()["finetune"]}
     text = card(recipes=recipes, overrides=["publish.weights=raw"]).text
     assert "- Published weights: raw" in text and "| raw |" in text
-    assert "Pre-training" not in text and "trained with nfnet-pipeline (finetune)" in text
+    assert "Pre-training" not in text and "pre-trained on" not in text
+    assert "5 classes, fine-tuned on `/raw/digits-5-9` (folder) with nfnet-pipeline." in text
+    assert "- Data: fine-tuning on `/raw/digits-5-9` (folder)" in text
     assert "started from the pre-trained ema weights with a new head (zeros init)" in text

@@ -1,8 +1,10 @@
 """The publish stage on a real tiny trained model (shard -> pretrain -> finetune -> evaluate, at
-32-40 px): the folder timm loads, its recipes, sums and card, the lineage notes, the refusals and
-their exit codes, the Hub unreachable for real, and the Hub flags and errors through the stage
-(HfApi's network methods replaced by tests/fakehub.py's recording fake). The library parts on
-their own: tests/test_export.py, test_model_card.py, test_hub.py."""
+32-40 px): the folder timm loads, its recipes, sums and card (with the data the shard manifests
+record), the lineage notes, the refusals and their exit codes (metrics of another model, at
+another resolution or from before the provenance check among them), the Hub unreachable for
+real, and the Hub flags and errors through the stage (HfApi's network methods replaced by
+tests/fakehub.py's recording fake). The library parts on their own: tests/test_export.py,
+test_model_card.py, test_lineage.py, test_hub.py."""
 import json
 import shutil
 
@@ -14,8 +16,9 @@ from fakehub import SECRET, FakeHub, http_error
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, files_in, run_stage, stage_main
+from conftest import ROOT, files_in, run_stage, stage_main, tiny_model_dir
 from pipeline.checkpoint import load_model_dir
+from pipeline.data.manifest import read_manifest
 from pipeline.io import sha256_file
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
@@ -92,7 +95,8 @@ def test_timm_loads_the_folder_with_the_evaluate_stage_logits_and_test_preproces
     assert moved(torch.zeros(1, 1, 40, 40)).shape == (1, 7)
 
 
-def test_the_card_describes_the_runs_the_stage_found_and_their_evaluation(trained, published):
+def test_the_card_describes_the_runs_the_stage_found_and_their_evaluation(trained, published,
+                                                                          demo_shards):
     metrics = json.loads(trained["metrics"].read_text())
     card = ModelCard.load(published / "README.md")        # huggingface_hub's own parser
     assert card.data.library_name == "timm" and card.data.license == "apache-2.0"
@@ -109,6 +113,17 @@ def test_the_card_describes_the_runs_the_stage_found_and_their_evaluation(traine
         assert fact in card.text, fact
     cfg = json.loads((published / "config.json").read_text())
     assert cfg["pretrained_cfg"]["test_input_size"] == [3, 40, 40] and cfg["num_classes"] == 5
+    # the data actually sharded, from the manifests the runs recorded, in the order of the runs
+    info = {stage: read_manifest(demo_shards[stage]) for stage in ("pretrain", "finetune")}
+    source = {stage: f"`{i['source']['location']}` ({i['source']['kind']})" for stage, i in info.items()}
+    assert f"pre-trained on {source['pretrain']}, then fine-tuned on {source['finetune']} with " \
+           f"nfnet-pipeline" in card.text
+    for stage, what in (("pretrain", "pre-training"), ("finetune", "fine-tuning")):
+        assert f"{what} on {source[stage]}: {info[stage]['splits']['train']['num_samples']} " \
+               f"training images, 5 classes" in card.text
+        assert f"sharded to `{demo_shards[stage]}`" in card.text
+    assert f"(split `val` of {source['finetune']})" in card.text
+    assert "sklearn-digits" not in card.text            # the recipe's name: Hub metadata only
 
 
 def test_refuses_to_publish_without_metrics_unless_told(trained, tmp_path, capsys):
@@ -160,7 +175,9 @@ def test_refuses_tensors_that_do_not_match_the_architecture(trained, tmp_path, c
     else:
         state["stages.0.0.conv1.weight"][0] = float("nan")
     save_file(state, str(model_dir / "ema.safetensors"))
-    assert publish(trained, tmp_path / "out", model=model_dir) == 2
+    # without metrics: with them, the changed sha256 is refused first (tested below)
+    assert publish(trained, tmp_path / "out", "--no-metrics-ok", model=model_dir,
+                   metrics=False) == 2
     err = capsys.readouterr().err
     expected = {"reshape": "head.fc.weight (6, 256)", "drop": "missing ['stem.conv1.weight']",
                 "nan": "non-finite values in ['stages.0.0.conv1.weight']"}[tamper]
@@ -232,14 +249,15 @@ def test_push_refusals_exit_2_and_4_with_the_folder_complete(trained, tmp_path, 
 
 def test_the_stage_prints_the_lineage_notes_and_takes_pretrain_recipe(trained, tmp_path, capsys):
     """A fine-tuned model moved away from its run, its pre-trained one too: both recipes are lost
-    until --pretrain-recipe names one; an evaluation at another resolution is noted."""
+    until --pretrain-recipe names one; an evaluation at another crop is noted. The moved weights
+    are the evaluated bytes, so the metrics still belong to them."""
     pre, model = tmp_path / "pre" / "model", tmp_path / "moved" / "model"
     shutil.copytree(trained["runs"] / "pretrain" / "model", pre)
     shutil.copytree(trained["model"], model)
     config = json.loads((model / "config.json").read_text())
     config["nfnet_pipeline"]["init"] = str(pre)
     (model / "config.json").write_text(json.dumps(config))
-    metrics = {**json.loads(trained["metrics"].read_text()), "test_res": 48}
+    metrics = {**json.loads(trained["metrics"].read_text()), "crop_pct": 0.875}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
 
     assert publish(trained, tmp_path / "a", model=model, metrics=tmp_path / "metrics.json") == 0
@@ -247,12 +265,89 @@ def test_the_stage_prints_the_lineage_notes_and_takes_pretrain_recipe(trained, t
     for stage in ("pretrain", "finetune"):
         assert f"[publish] note: no {stage} recipe.resolved.yaml found from {model}" in out
     assert "(pass --pretrain-recipe)" in out
-    assert "[publish] note: evaluated with test_res=48 (the model folder says 40)" in out
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["pretrained_cfg"][
-        "test_input_size"] == [3, 48, 48]
+    assert "[publish] note: evaluated with crop_pct=0.875 (the model folder says 1.0)" in out
+    pc = json.loads((tmp_path / "a" / "config.json").read_text())["pretrained_cfg"]
+    assert pc["test_crop_pct"] == 0.875 and pc["test_input_size"] == [3, 40, 40]
     given = trained["runs"] / "pretrain" / "recipe.resolved.yaml"
     assert publish(trained, tmp_path / "b", "--pretrain-recipe", str(given), model=model,
                    metrics=tmp_path / "metrics.json") == 0
     assert "no pretrain recipe" not in capsys.readouterr().out
     copied = tmp_path / "b" / "recipes" / "pretrain.resolved.yaml"
     assert copied.read_bytes() == given.read_bytes()
+
+
+def evaluate(model, shards, out, *overrides) -> dict:
+    """The evaluate stage in-process; its metrics.json."""
+    assert stage_main("evaluate", ["--recipe", RECIPE, "--model", str(model), "--shards",
+                                   str(shards), "--out", str(out), *overrides]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_metrics_of_another_model_are_refused_unless_forced(trained, demo_shards, tmp_path,
+                                                           capsys):
+    """Another model with the same classes and test settings, evaluated for real: only its weights
+    differ, and the sha256 shows it."""
+    other = tiny_model_dir(tmp_path / "other" / "model")
+    foreign = evaluate(other, demo_shards["finetune"], tmp_path / "eval-other")
+    capsys.readouterr()
+    ours = trained["model"] / "ema.safetensors"
+    assert publish(trained, tmp_path / "pub", metrics=tmp_path / "eval-other" / "metrics.json") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not (tmp_path / "pub").exists()
+    for part in (f"--metrics {tmp_path / 'eval-other' / 'metrics.json'} do not match the model "
+                 f"being published ({trained['model']}): ema weights: expected the sha256 of "
+                 f"{ours} ({sha256_file(ours)[:12]}), got "
+                 f"{sha256_file(other / 'ema.safetensors')[:12]} (it scored "
+                 f"{other / 'ema.safetensors'}). Re-run the evaluate stage on this model",
+                 "or pass --force to publish these figures unchecked"):
+        assert part in err, part
+    assert "classes:" not in err and "test resolution:" not in err
+
+    assert publish(trained, tmp_path / "pub", "--force",
+                   metrics=tmp_path / "eval-other" / "metrics.json") == 0
+    captured = capsys.readouterr()
+    assert "[publish] warning: --force: --metrics" in captured.err
+    assert "config.json keeps the model's own test settings (test_input_size [3, 40, 40])" \
+        in captured.err
+    card = ModelCard.load(tmp_path / "pub" / "README.md")
+    assert "**Not verified**: published with `--force`" in card.text
+    top1 = [r for r in card.data.eval_results if "Top-1" in r.metric_name][0]
+    assert top1.metric_value == round(foreign["top1"], 3)          # shown, as the figures given
+    assert sha256_file(tmp_path / "pub" / "model.safetensors") == sha256_file(ours)
+
+
+def test_metrics_at_another_resolution_are_refused_and_forced_keep_the_models_size(
+        trained, demo_shards, tmp_path, capsys):
+    """The model's own weights evaluated at 48 px: config.json must keep 40 px, or timm users run
+    the model at a resolution nobody chose for it."""
+    evaluate(trained["model"], demo_shards["finetune"], tmp_path / "eval48", "evaluate.test_res=48")
+    metrics = tmp_path / "eval48" / "metrics.json"
+    capsys.readouterr()
+    assert publish(trained, tmp_path / "pub", metrics=metrics) == 2
+    err = capsys.readouterr().err
+    assert f"({trained['model']}): test resolution: expected config.json " \
+           f"pretrained_cfg.test_input_size 40 px, got 48 px. Re-run the evaluate stage" in err
+    assert not (tmp_path / "pub").exists()
+    assert publish(trained, tmp_path / "pub", "--force", metrics=metrics) == 0
+    assert "test_input_size [3, 40, 40]" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "pub" / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["test_input_size"] == [3, 40, 40]
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'pub'}", pretrained=True)
+    test = timm.data.resolve_data_config({}, model=theirs, use_test_size=True)
+    assert tuple(test["input_size"]) == (3, 40, 40)
+    assert "| ema | 179 | 48 px |" in (tmp_path / "pub" / "README.md").read_text()
+
+
+def test_metrics_from_before_the_provenance_check_are_refused(trained, tmp_path, capsys):
+    old = {k: v for k, v in json.loads(trained["metrics"].read_text()).items() if k != "scored"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert publish(trained, tmp_path / "pub", metrics=tmp_path / "old.json") == 2
+    err = capsys.readouterr().err
+    assert f"--metrics {tmp_path / 'old.json'} predates the provenance check: it does not " \
+           f"record which weights, classes and resolution it scored. Re-run the evaluate stage " \
+           f"on this model (python stages/evaluate.py --recipe {RECIPE} --model " \
+           f"{trained['model']}" in err and "--force" in err
+    assert not (tmp_path / "pub").exists()
+    assert publish(trained, tmp_path / "pub", "--force", metrics=tmp_path / "old.json") == 0
+    assert "[publish] warning: --force: --metrics" in capsys.readouterr().err
+    assert "**Not verified**" in (tmp_path / "pub" / "README.md").read_text()
