@@ -52,7 +52,7 @@ class StepRunner:
         y = batch["label"].to(dev, non_blocking=True)
         ra_after = self.device_aug is not None and self.section.augment.randaugment_order == \
             "after_mix"
-        if self.device_aug is not None:
+        if "jpeg" in batch:                               # not prefetched: decode here
             images = self.device_aug(batch["jpeg"], batch["offsets"], batch["seed"],
                                      randaugment=not ("mix_a" in batch and ra_after))
         else:

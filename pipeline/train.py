@@ -33,6 +33,7 @@ from pipeline import runtime
 from pipeline.agc import AGC
 from pipeline.data.device_aug import DeviceAugment
 from pipeline.data.manifest import SplitInfo, load_split, read_manifest
+from pipeline.data.prefetch import DevicePrefetcher
 from pipeline.data.reader import (
     Cursor,
     DataError,
@@ -203,11 +204,15 @@ class Trainer:
                                workers=plan.loader_workers, sub_batch=plan.sub_batch,
                                on_device=on_device, strict=s.loader.bad_samples == "stop")
         loader = make_loader(dataset, plan.loader_workers, pin_memory=self.device.type == "cuda")
-        batches = checked(micro_batches(loader, max(1, plan.loader_workers)), self.report_bad,
+        batches = micro_batches(loader, max(1, plan.loader_workers))
+        device_aug = DeviceAugment(s.train_res, s.augment, self.device) if on_device else None
+        # decode: device: the next micro-batches are decoded and cropped ahead, off the step's
+        # critical path (a side CUDA stream in a thread; pipeline/data/prefetch.py)
+        self.prefetcher = DevicePrefetcher(batches, device_aug) if device_aug else None
+        batches = checked(self.prefetcher or batches, self.report_bad,
                           lambda note: tqdm.write(f"[{job.stage}] warning: {note}", file=sys.stdout))
-        self.runner = StepRunner(
-            acc, self.ddp_model, self.forward, self.optimizer, self.agc, s, plan, batches,
-            keys_log, DeviceAugment(s.train_res, s.augment, self.device) if on_device else None)
+        self.runner = StepRunner(acc, self.ddp_model, self.forward, self.optimizer, self.agc, s,
+                                 plan, batches, keys_log, device_aug)
         has_val = "val" in read_manifest(job.shards)["splits"]
         self.val_split = load_split(job.shards, "val", job.shard_url) if has_val else None
         if acc.log_with:
@@ -216,12 +221,14 @@ class Trainer:
                 "resume": self.resumed_from is not None}})
 
     def close_data(self) -> None:
-        """Shut the loader's workers down now (they ignore stop signals, so they must not be
-        left to the interpreter's exit, which would wait for them forever)."""
+        """Shut the loader (and prefetch thread) down now, whatever ended the loop."""
         runner = getattr(self, "runner", None)
         if runner is not None and runner.batches is not None:
             runner.batches.close()             # frees the DataLoader iterator: workers stop
             runner.batches = None
+        if getattr(self, "prefetcher", None) is not None:
+            self.prefetcher.close()            # its thread, then the source generator
+            self.prefetcher = None
 
     # -- phase 4 ---------------------------------------------------------------------------------
     def train(self) -> None:

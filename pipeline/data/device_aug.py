@@ -19,20 +19,28 @@ kernel, stretched by the scale when downscaling: antialiased; normalised over th
 also handles the crop's edges as PIL does). The weights are built on the device for every image
 at once; a flip reverses the rows of Wx. Decoded images differ in size: they are zero-padded into
 one batch (zeros get no weight), in chunks of similar sizes to bound the memory. As PIL does, the
-horizontal pass runs first and its result is rounded to whole grey levels. Products run in
-float16 on CUDA (tensor cores; pixels are exact in float16, weights good to 2^-11) and float32 on
-the CPU. Measured against PIL's crop + resize of the same decoded photo: 0.03 grey levels mean
-absolute difference (float32), where torch's per-image antialiased bicubic `interpolate` gave
-0.15 and `torchvision.ops.roi_align` (bilinear samples averaged over each output pixel) 1.5-1.7.
-The whole device path still differs from the CPU path by the JPEG decoder (nvJPEG vs
-libjpeg-turbo) and by the RandAugment kernels (torch vs PIL; geometric ops interpolate bicubic
-with grid_sample).
+horizontal pass runs first and its result is rounded to whole grey levels. On CUDA the products
+run on tensor cores: float16 pixels (whole grey levels are exact) times float32 weights split in
+a float16 head and tail, float32 accumulation and output (as exact as float32 on the CPU).
 
-No host-device synchronisation: index tensors reach the device with non-blocking copies, so the
-host can queue the next work while the GPU runs.
+Interpolation against the CPU path (PIL bicubic, antialiased when downscaling), on the same
+decoded photo and boxes (tests/test_device_aug.py): 0.0005-0.02 grey levels mean absolute
+difference, whole-level rounding (up to 0.25 on the crops where this machine's Pillow build
+resizes vertically first). Alternatives measured the same way: torch's per-image antialiased
+bicubic `interpolate` (the previous code, one kernel per image) 0.15; `torchvision.ops.roi_align`
+(bilinear samples averaged over each output pixel: a box filter when downscaling, bilinear when
+upscaling) 1.5-1.7. The device path as a whole still differs from the CPU path by the JPEG decoder
+(nvJPEG vs libjpeg-turbo) and by RandAugment's kernels (torch vs PIL; geometric ops interpolate
+bicubic with grid_sample): 0.37 grey levels on the mixed examples of tests/test_mixing.py.
+
+Crops and RandAugment never make the host wait for the GPU: index tensors reach the device with
+non-blocking copies (indexing a CUDA tensor with a Python list copies it with a stream sync), so
+the host queues the next work while the GPU runs. nvJPEG's decode does block its calling thread
+until the decode ends: pipeline/data/prefetch.py runs it in a thread of its own.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import threading
@@ -355,7 +363,20 @@ def _padded(images: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     concatenation and one padding kernel (torch.nested), not one copy per image."""
     if all(img.shape == images[0].shape for img in images):
         return torch.stack(images).to(dtype)
-    return torch.nested.as_nested_tensor(images).to(dtype).to_padded_tensor(0.0)
+    try:
+        return torch.nested.as_nested_tensor(images).to(dtype).to_padded_tensor(0.0)
+    except (RuntimeError, NotImplementedError) as e:      # a torch whose nested tensors lack it
+        _warn_once(f"torch.nested cannot pad these images ({e}); one copy per image instead")
+    h, w = max(img.shape[1] for img in images), max(img.shape[2] for img in images)
+    out = images[0].new_zeros((len(images), 3, h, w), dtype=dtype)
+    for i, img in enumerate(images):
+        out[i, :, :img.shape[1], :img.shape[2]] = img
+    return out
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _group(ops: list[list[tuple[str, tuple]]], layer: int) -> dict[tuple, list[int]]:

@@ -132,21 +132,21 @@ def apply_plan(images: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, torch
     """(mixed float images (n, C, H, W), ratio (n,)): the weight of image a in each example.
     `images` may be uint8 or float, on any device; the plan moves to it."""
     dev = images.device
-    a, b = plan.a.to(dev), plan.b.to(dev)
+    a, b = plan.a.to(dev, non_blocking=True), plan.b.to(dev, non_blocking=True)
     x = images.float()
     h, w = x.shape[-2:]
-    box = plan.box.to(dev)
+    box = plan.box.to(dev, non_blocking=True)
     ys = torch.arange(h, device=dev).view(1, h, 1)
     xs = torch.arange(w, device=dev).view(1, 1, w)
     inside = ((ys >= box[:, 0, None, None]) & (ys < box[:, 1, None, None])
               & (xs >= box[:, 2, None, None]) & (xs < box[:, 3, None, None]))   # (n, h, w)
-    cut = plan.cutmix.to(dev)
+    cut = plan.cutmix.to(dev, non_blocking=True)
     # MixUp rows: a constant weight everywhere; CutMix rows: 1 inside the box, 0 outside
-    weight = torch.where(cut.view(-1, 1, 1), inside.float(),
-                         plan.lam.to(dev).view(-1, 1, 1).expand(-1, h, w))
+    lam = plan.lam.to(dev, non_blocking=True)
+    weight = torch.where(cut.view(-1, 1, 1), inside.float(), lam.view(-1, 1, 1).expand(-1, h, w))
     weight = weight.unsqueeze(1)
     mixed = weight * x[a] + (1 - weight) * x[b]
-    ratio = torch.where(cut, inside.float().mean(dim=(1, 2)), plan.lam.to(dev))
+    ratio = torch.where(cut, inside.float().mean(dim=(1, 2)), lam)
     return mixed, ratio
 
 

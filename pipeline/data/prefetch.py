@@ -10,10 +10,11 @@ passes through untouched; mixing, and RandAugment after mixing (DeepMind's order
 step (pipeline/step.py), so the prefetcher never runs RandAugment on images that are mixed later.
 
 How (CUDA): a background thread pulls raw batches and prepares them on its own CUDA stream,
-`lookahead` micro-batches ahead (default 2). A thread, not only a stream, because nvJPEG's batched
-decode blocks its calling thread until the decode ends (torchvision synchronises its decode
-stream) and the parameter draws are Python: on the training thread both would hold back the
-launch of the next step's kernels. Synchronisation: after a batch's work the thread records an
+`lookahead` micro-batches ahead (default 2); the first raw batch is read in the constructor, so
+the DataLoader forks its workers from the calling thread. A thread, not only a stream, because
+nvJPEG's batched decode blocks its calling thread until the decode ends (torchvision synchronises
+its decode stream) and the parameter draws are Python: on the training thread both would hold back
+the launch of the next step's kernels. Synchronisation: after a batch's work the thread records an
 event on its stream; the consumer makes its current stream wait for that event before it uses the
 images (the GPU waits, the host does not), and marks the images as used on its stream
 (`record_stream`), so the caching allocator does not hand their memory back to the side stream
@@ -31,6 +32,7 @@ so batches prefetched but not yet trained on are read again after a resume.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -68,11 +70,15 @@ class DevicePrefetcher:
         self._thread: threading.Thread | None = None
         self._closed = False
         if self.lookahead > 0:
+            # the first raw batch is read here: a DataLoader forks its worker processes on its
+            # first read, and forking is safe from this thread, before the prefetch thread exists
+            first = next(batches, _END)
+            source = iter(()) if first is _END else itertools.chain([first], batches)
             self._queue: queue.Queue = queue.Queue(maxsize=self.lookahead)
             self._stop = threading.Event()
             # the thread holds no reference to self: dropping the prefetcher stops it (__del__)
             self._thread = threading.Thread(
-                target=_work, args=(batches, device_aug, self._queue, self._stop),
+                target=_work, args=(source, device_aug, self._queue, self._stop),
                 name="device-prefetch", daemon=True)
             self._thread.start()
 
