@@ -188,7 +188,8 @@ def test_table_flags_divergence_and_plots_are_written(corner):
     assert sorted(cells) == [("0.01", 16), ("0.01", 64), ("off", 16), ("off", 64)]
     for b in (16, 64):
         assert cells[("off", b)]["status"] == "diverged"
-        assert cells[("off", b)]["val_nll"] == "nan" and int(cells[("off", b)]["skipped_steps"]) > 0
+        nll = float(cells[("off", b)]["val_nll"])     # NaN, or astronomically large: not learnt
+        assert not nll < 100 and int(cells[("off", b)]["skipped_steps"]) > 0
         assert cells[("0.01", b)]["status"] == "ok" and float(cells[("0.01", b)]["val_top1"]) > 30
     assert int(cells[("0.01", 16)]["steps"]) == 45 and int(cells[("0.01", 64)]["steps"]) == 11
     assert json.loads((out / "agc_sweep.json").read_text())[0]["clip"] == "0.01"

@@ -21,13 +21,13 @@ def test_parameter_counts_match_the_paper(name):
 def test_f0_to_f6_are_timms_deepmind_models():
     for i in range(7):
         model, arch, args = build_model(f"f{i}", 1000, device="meta")
-        assert arch == f"dm_nfnet_f{i}" and args == {}
+        assert arch == f"dm_nfnet_f{i}" and args == {"std_conv_eps": 1e-10}   # DeepMind's WS
 
 
 def test_f7_uses_the_deepmind_configuration():
     from timm.models.nfnet import model_cfgs
     model, arch, args = build_model("f7", 1000, device="meta")
-    assert arch == "dm_nfnet_f6" and args == {"depths": [8, 16, 48, 24]}
+    assert arch == "dm_nfnet_f6" and args == {"depths": [8, 16, 48, 24], "std_conv_eps": 1e-10}
     cfg = model_cfgs[arch]
     assert cfg.gamma_in_act and cfg.same_padding and cfg.skipinit    # unlike timm's nfnet_f7
     assert sum(len(s) for s in model.stages) == 96
