@@ -4,6 +4,8 @@
   exit code unless `check=False`).
 - `run_stage(stage, ...)`: `python stages/<stage>.py ...`.
 - `stage_main(stage, argv)`: a stage's main() in this process (no start-up cost); its exit code.
+- `run_stage_in_process(stage, ...)`: `run_stage` through `stage_main`, output captured: for the
+  set-up runs of a test whose process boundary is not what it tests.
 - `torchrun(nproc, script, ...)`: a real `torch.distributed.run --standalone` launch (gloo on CPU).
 - `copy_project(dst)`: a fresh clone-like copy of the project (tracked and unignored files,
   committed to a new git repo), for `dvc repro` runs that must not touch the checkout.
@@ -67,6 +69,34 @@ def stage_main(stage: str, argv: Sequence[str]) -> int:
         return module.main([str(a) for a in argv])
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
+
+
+def run_stage_in_process(stage: str, *args: str, check: bool = True, threads: int | None = None
+                         ) -> subprocess.CompletedProcess:
+    """`run_stage` without the interpreter start-up (about 7 s of imports a call on a 2-core CI
+    machine): the stage's main() in this process, its stdout and stderr captured; `threads` sets
+    torch's intra-op threads for the run (OMP_NUM_THREADS for a subprocess). Runs that test
+    signals, environment variables or bit-identity with a subprocess use `run_stage`."""
+    import contextlib
+    import io
+
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+    out, err = io.StringIO(), io.StringIO()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or before)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = stage_main(stage, [str(a) for a in args]) or 0
+    finally:                                  # the next run builds its own accelerator state
+        torch.set_num_threads(before)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    p = subprocess.CompletedProcess([stage, *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"stages/{stage}.py {' '.join(map(str, args))} failed ({code}):\n"
+                             f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
 
 
 def torchrun(nproc: int, script: str | Path, *args: str, env: dict | None = None,

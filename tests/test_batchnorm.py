@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_stage, torchrun
+from conftest import ROOT, run_stage_in_process, torchrun
 from pipeline.checkpoint import load_model_dir
 from pipeline.data.manifest import load_split
 from pipeline.evaluate import eval_settings, predict
@@ -35,24 +35,25 @@ def bn(demo_raw, tmp_path_factory):
     root = tmp_path_factory.mktemp("bn")
     out = {"root": root}
     for part in ("pretrain", "finetune"):
-        run_stage("shard", "--recipe", RECIPE, "--source", str(demo_raw / part),
-                  "--out", str(root / "shards" / part), "--workers", "1", "--quiet",
-                  "shard.shard_size=64", "shard.max_size=48")
+        run_stage_in_process("shard", "--recipe", RECIPE, "--source", str(demo_raw / part),
+                             "--out", str(root / "shards" / part), "--workers", "1", "--quiet",
+                             "shard.shard_size=64", "shard.max_size=48")
     shards = root / "shards"
-    out["pretrain"] = run_stage("pretrain", "--recipe", RECIPE, "--shards", str(shards / "pretrain"),
-                                "--out", str(root / "pretrain"), *TINY)
+    out["pretrain"] = run_stage_in_process("pretrain", "--recipe", RECIPE, "--shards",
+                                           str(shards / "pretrain"), "--out", str(root / "pretrain"),
+                                           *TINY)
     for mode in ("train", "freeze"):
-        out[f"finetune_{mode}"] = run_stage(
+        out[f"finetune_{mode}"] = run_stage_in_process(
             "finetune", "--recipe", RECIPE, "--init", str(root / "pretrain" / "model"),
             "--shards", str(shards / "finetune"), "--out", str(root / f"finetune_{mode}"),
             *TINY_FT, f"finetune.model.bn_stats={mode}")
     model = str(root / "finetune_train" / "model")
-    out["evaluate"] = run_stage("evaluate", "--recipe", RECIPE, "--model", model,
-                                "--shards", str(shards / "finetune"), "--out", str(root / "evaluate"),
-                                "evaluate.batch=50")
-    out["publish"] = run_stage("publish", "--recipe", RECIPE, "--model", model,
-                               "--metrics", str(root / "evaluate" / "metrics.json"),
-                               "--out", str(root / "publish"))
+    out["evaluate"] = run_stage_in_process(
+        "evaluate", "--recipe", RECIPE, "--model", model, "--shards", str(shards / "finetune"),
+        "--out", str(root / "evaluate"), "evaluate.batch=50")
+    out["publish"] = run_stage_in_process(
+        "publish", "--recipe", RECIPE, "--model", model, "--metrics",
+        str(root / "evaluate" / "metrics.json"), "--out", str(root / "publish"))
     return out
 
 

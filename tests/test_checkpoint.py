@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, run_stage_in_process
 from pipeline import checkpoint as ckpt
 from pipeline.variants import build_model
 
@@ -60,11 +60,11 @@ def test_train_state_loads_without_unpickling_code(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(demo_shards, tmp_path):
     out = tmp_path / "run"
-    p = run_stage("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
-                  "--out", str(out), "pretrain.train_res=32", "pretrain.test_res=32",
-                  "pretrain.epochs=3", "pretrain.checkpoint_every=2", "pretrain.log_every=1",
-                  "pretrain.clip_factor=null", "pretrain.lr_base=1.0e+6", "pretrain.warmup_epochs=0.1",
-                  check=False)
+    p = run_stage_in_process(
+        "pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), "--out", str(out),
+        "pretrain.train_res=32", "pretrain.test_res=32", "pretrain.epochs=3",
+        "pretrain.checkpoint_every=2", "pretrain.log_every=1", "pretrain.clip_factor=null",
+        "pretrain.lr_base=1.0e+6", "pretrain.warmup_epochs=0.1", check=False)
     assert p.returncode != 0
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "became NaN or infinite at step" in p.stderr and "is untouched" in p.stderr
@@ -79,11 +79,11 @@ def test_nan_policy_skip_finishes_and_counts(demo_shards, tmp_path):
     the run still ends, counts them, and never writes a non-finite weight. log_every 100 makes the
     one log window the whole run, so train_loss averages the finite steps (it must be finite)."""
     out = tmp_path / "run"
-    run_stage("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
-              "--out", str(out), "pretrain.train_res=32", "pretrain.test_res=32",
-              "pretrain.epochs=2", "pretrain.nan_policy=skip", "pretrain.clip_factor=null",
-              "pretrain.lr_base=1.0e+6", "pretrain.warmup_epochs=0.1", "pretrain.ema_decay=null",
-              "pretrain.log_every=100")
+    run_stage_in_process(
+        "pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), "--out", str(out),
+        "pretrain.train_res=32", "pretrain.test_res=32", "pretrain.epochs=2",
+        "pretrain.nan_policy=skip", "pretrain.clip_factor=null", "pretrain.lr_base=1.0e+6",
+        "pretrain.warmup_epochs=0.1", "pretrain.ema_decay=null", "pretrain.log_every=100")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 22 and 0 < metrics["skipped_steps"] < 22
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0

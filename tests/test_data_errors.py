@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from conftest import ONE_THREAD, ROOT, run_stage
+from conftest import ROOT, run_stage_in_process
 from pipeline.data.manifest import read_manifest
 from pipeline.data.reader import DataError, _replacements, shard_order
 
@@ -50,8 +50,8 @@ def damage_jpeg(tar_path, which=0) -> str:
 
 
 def train(shards, out, *extra, check=False):
-    return run_stage("pretrain", "--recipe", RECIPE, "--shards", str(shards), "--out", str(out),
-                     *RUN, *extra, env=ONE_THREAD, check=check)
+    return run_stage_in_process("pretrain", "--recipe", RECIPE, "--shards", str(shards), "--out",
+                                str(out), *RUN, *extra, threads=1, check=check)
 
 
 def one_error_line(p) -> str:

@@ -1,10 +1,13 @@
 """`dvc repro` on a fresh copy of the project: the whole demo chain, as the README's quick start
-runs it, with its metrics checked against the figure the README states."""
+runs it. The default suite runs it with fewer epochs (about 2 minutes less); the slow suite runs
+the README's recipe as it is and checks the figures the README states."""
 import json
 
 import pytest
 
 from conftest import copy_project, run
+
+STAGES = ("demo_data", "shard@pretrain", "shard@finetune", "pretrain", "finetune", "evaluate", "publish")
 
 
 def sh(*cmd, cwd, timeout=1200):
@@ -12,10 +15,29 @@ def sh(*cmd, cwd, timeout=1200):
     return p.stdout + p.stderr
 
 
+def shorten_demo(project, pretrain_epochs: int, finetune_epochs: int) -> None:
+    """The copy's demo recipe with fewer epochs, committed (the rest of the chain is unchanged)."""
+    recipe = project / "recipes" / "demo.yaml"
+    text = recipe.read_text()
+    for old, new in (("epochs: 30 ", f"epochs: {pretrain_epochs} "),
+                     ("epochs: 20 ", f"epochs: {finetune_epochs} ")):
+        assert text.count(old) == 1, f"recipes/demo.yaml no longer has '{old}': update this test"
+        text = text.replace(old, new)
+    recipe.write_text(text)
+    run(["git", "commit", "-qam", "shorter demo"], cwd=project)
+
+
+def metrics_of(project) -> dict:
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project))
+    return next(v for k, v in metrics.items() if isinstance(v, dict))["data"]
+
+
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """A fresh clone-like copy: the project's tracked and unignored files, committed to git."""
-    return copy_project(tmp_path_factory.mktemp("clone") / "project")
+    project = copy_project(tmp_path_factory.mktemp("clone") / "project")
+    shorten_demo(project, 10, 6)
+    return project
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +46,27 @@ def repro(clone):
 
 
 def test_dvc_repro_runs_the_whole_demo_chain(clone, repro):
-    for stage in ("demo_data", "shard@pretrain", "shard@finetune", "pretrain", "finetune",
-                  "evaluate", "publish"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in repro
-    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=clone))
-    evaluate = next(v for k, v in metrics.items() if isinstance(v, dict))["data"]
-    ev = evaluate["runs/evaluate/metrics.json"]["data"]
-    assert ev["num_samples"] == 179 and ev["top1"] >= 95.0       # README: ~98% on digits 5-9
-    pretrain = evaluate["runs/pretrain/metrics.json"]["data"]
-    assert pretrain["val_top1_ema"] >= 90.0
+    metrics = metrics_of(clone)
+    ev = metrics["runs/evaluate/metrics.json"]["data"]
+    # 10 + 6 epochs, measured: 80.6% pretrain (EMA), 74.9% held-out top-1 (chance: 20%)
+    assert ev["num_samples"] == 179 and ev["top1"] >= 60.0
+    assert metrics["runs/pretrain/metrics.json"]["data"]["val_top1_ema"] >= 65.0
     assert (clone / "publish" / "demo" / "model.safetensors").is_file()
     assert (clone / "dvc.lock").is_file()
+
+
+@pytest.mark.slow
+def test_the_readme_demo_reaches_the_readme_figures(tmp_path):
+    """The README's quick start exactly: `dvc repro` with recipes/demo.yaml as it ships."""
+    project = copy_project(tmp_path / "project")
+    out = sh("dvc", "repro", cwd=project)
+    assert all(f"Running stage '{stage}'" in out for stage in STAGES)
+    metrics = metrics_of(project)
+    ev = metrics["runs/evaluate/metrics.json"]["data"]
+    assert ev["num_samples"] == 179 and ev["top1"] >= 95.0       # README: ~98% on digits 5-9
+    assert metrics["runs/pretrain/metrics.json"]["data"]["val_top1_ema"] >= 90.0
 
 
 def test_dvc_repro_again_is_a_no_op_and_single_stages_run(clone, repro):

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ONE_THREAD, ROOT, run_stage
+from conftest import ROOT, run_stage_in_process
 from pipeline.recipe import load_recipe
 from pipeline.transfer import build_finetune_model, load_init
 
@@ -29,14 +29,14 @@ NO_UPDATE = ["finetune.steps=1", "finetune.epochs=null", "finetune.warmup_steps=
 @pytest.fixture(scope="module")
 def pretrained(demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    run_stage("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
-              "--out", str(out), *PRETRAIN, env=ONE_THREAD)
+    run_stage_in_process("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
+                         "--out", str(out), *PRETRAIN, threads=1)
     return out / "model"
 
 
 def finetune(init, shards, out, *overrides):
-    return run_stage("finetune", "--recipe", RECIPE, "--init", str(init), "--shards", str(shards),
-                     "--out", str(out), *overrides, env=ONE_THREAD)
+    return run_stage_in_process("finetune", "--recipe", RECIPE, "--init", str(init), "--shards",
+                                str(shards), "--out", str(out), *overrides, threads=1)
 
 
 def metrics(run):
@@ -97,8 +97,8 @@ def test_raw_init_and_frozen_modules_stay_bit_identical(pretrained, demo_shards,
 
 
 def test_published_folder_keeps_the_head_for_the_same_labels(pretrained, demo_shards, tmp_path):
-    run_stage("publish", "--recipe", RECIPE, "--model", str(pretrained), "--out",
-              str(tmp_path / "published"), "--no-metrics-ok", env=ONE_THREAD)
+    run_stage_in_process("publish", "--recipe", RECIPE, "--model", str(pretrained), "--out",
+                         str(tmp_path / "published"), "--no-metrics-ok")
     published = tmp_path / "published"
     assert not (published / "ema.safetensors").exists()
     # finetune.init.weights is ema (the default): a published folder's one file is used, said so
@@ -147,7 +147,7 @@ def test_bad_init_sources_and_freeze_lists_fail_with_the_fix(pretrained, demo_sh
     section = load_recipe(RECIPE, ["finetune.init.freeze=[stemm]"]).finetune
     with pytest.raises(ValueError, match="no parameters under 'stemm'.*stem, stages.0"):
         build_finetune_model(load_init(str(pretrained)), list("56789"), section)
-    p = run_stage("finetune", "--recipe", RECIPE, "--init", "timm:test_resnet",
-                  "--shards", str(demo_shards["finetune"]), "--out", str(tmp_path / "x"), check=False)
+    p = run_stage_in_process("finetune", "--recipe", RECIPE, "--init", "timm:test_resnet", "--shards",
+                             str(demo_shards["finetune"]), "--out", str(tmp_path / "x"), check=False)
     assert p.returncode == 2 and "timm:<architecture>=<weights.safetensors>" in p.stderr
     assert not (tmp_path / "x").exists()                            # failed before any work

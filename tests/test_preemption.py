@@ -71,7 +71,10 @@ def reference(demo_shards, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+# SIGUSR1 (Slurm's) is also the two-process and before-the-first-step tests' signal, and SIGINT the
+# second-Ctrl-C test's: their full run here is in the slow suite
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_stops_with_one_checkpoint_and_the_resume_is_bit_identical(
         reference, demo_shards, tmp_path, sig):
     out, keys = tmp_path / "run", tmp_path / "keys"

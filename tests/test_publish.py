@@ -16,7 +16,7 @@ from fakehub import SECRET, FakeHub, http_error
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, files_in, run_stage, stage_main, tiny_model_dir
+from conftest import ROOT, files_in, run_stage, run_stage_in_process, stage_main, tiny_model_dir
 from pipeline.checkpoint import load_model_dir
 from pipeline.data.manifest import read_manifest
 from pipeline.io import sha256_file
@@ -38,15 +38,16 @@ def publish(trained, out, *args, metrics=True, model=None) -> int:
 @pytest.fixture(scope="module")
 def trained(demo_shards, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    run_stage("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
-              "--out", str(runs / "pretrain"), "pretrain.epochs=1", "pretrain.warmup_epochs=0.5",
-              "pretrain.train_res=32", "pretrain.test_res=32", "pretrain.log_every=50")
-    run_stage("finetune", "--recipe", RECIPE, "--init", str(runs / "pretrain" / "model"),
-              "--shards", str(demo_shards["finetune"]), "--out", str(runs / "finetune"),
-              "finetune.epochs=1", "finetune.warmup_epochs=0.5", "finetune.train_res=32",
-              "finetune.test_res=40", "finetune.log_every=50")
-    run_stage("evaluate", "--recipe", RECIPE, "--model", str(runs / "finetune" / "model"),
-              "--shards", str(demo_shards["finetune"]), "--out", str(runs / "evaluate"))
+    run_stage_in_process("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
+                         "--out", str(runs / "pretrain"), "pretrain.epochs=1",
+                         "pretrain.warmup_epochs=0.5", "pretrain.train_res=32", "pretrain.test_res=32",
+                         "pretrain.log_every=50")
+    run_stage_in_process("finetune", "--recipe", RECIPE, "--init", str(runs / "pretrain" / "model"),
+                         "--shards", str(demo_shards["finetune"]), "--out", str(runs / "finetune"),
+                         "finetune.epochs=1", "finetune.warmup_epochs=0.5", "finetune.train_res=32",
+                         "finetune.test_res=40", "finetune.log_every=50")
+    run_stage_in_process("evaluate", "--recipe", RECIPE, "--model", str(runs / "finetune" / "model"),
+                         "--shards", str(demo_shards["finetune"]), "--out", str(runs / "evaluate"))
     return {"runs": runs, "model": runs / "finetune" / "model",
             "metrics": runs / "evaluate" / "metrics.json"}
 

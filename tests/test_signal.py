@@ -25,7 +25,7 @@ import pytest
 import timm
 import torch
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, run_stage_in_process
 from pipeline.signal import (
     branch_gains,
     gaussian_like,
@@ -121,10 +121,10 @@ def test_bn_normalises_the_signal_nf_does_not(images):
 
 def test_signal_stage_writes_report(demo_shards, tmp_path):
     out = tmp_path / "signal"
-    p = run_stage("signal_report", "--recipe", str(ROOT / "recipes" / "demo.yaml"),
-                  "--baseline", str(ROOT / "recipes" / "demo_bn.yaml"),
-                  "--shards", str(demo_shards["pretrain"]), "--out", str(out), "--images", "32",
-                  "pretrain.train_res=40")
+    p = run_stage_in_process("signal_report", "--recipe", str(ROOT / "recipes" / "demo.yaml"),
+                             "--baseline", str(ROOT / "recipes" / "demo_bn.yaml"),
+                             "--shards", str(demo_shards["pretrain"]), "--out", str(out),
+                             "--images", "32", "pretrain.train_res=40")
     doc = json.loads((out / "signal.json").read_text())
     assert [m["variant"] for m in doc["models"]] == ["tiny", "tiny_bn"]
     assert [m["res"] for m in doc["models"]] == [40, 48]             # override: --recipe only
@@ -134,6 +134,7 @@ def test_signal_stage_writes_report(demo_shards, tmp_path):
     assert (out / "signal.png").stat().st_size > 20_000
     assert "pretrain.train_res=40" in (out / "recipe.resolved.yaml").read_text()
     assert "stage 0: transition var" in p.stdout
-    bad = run_stage("signal_report", "--recipe", str(ROOT / "recipes" / "demo.yaml"), "--shards",
-                    str(demo_shards["pretrain"]), "--out", str(out), "--split", "test", check=False)
+    bad = run_stage_in_process("signal_report", "--recipe", str(ROOT / "recipes" / "demo.yaml"),
+                               "--shards", str(demo_shards["pretrain"]), "--out", str(out),
+                               "--split", "test", check=False)
     assert bad.returncode == 2 and "no split 'test'" in bad.stderr

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, stage_main
 from pipeline.recipe import load_recipe
 from pipeline.step import build_optimizer, ema_decay
 from pipeline.variants import build_model
@@ -44,9 +44,10 @@ def _max_diff(a, b):
 
 def test_sam_composes_with_agc_weight_decay_and_accumulation(demo_shards, tmp_path):
     common = ["--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), *TINY,
-              "pretrain.micro_batch=32"]                                 # 2 micro-batches a step
+              "pretrain.epochs=null", "pretrain.steps=6", "pretrain.warmup_epochs=null",
+              "pretrain.warmup_steps=1", "pretrain.micro_batch=32"]      # 2 micro-batches a step
     for name, rho in (("off", "null"), ("tiny", "1.0e-12"), ("on", "0.05")):
-        run_stage("pretrain", *common, f"pretrain.sam_rho={rho}", "--out", str(tmp_path / name))
+        assert stage_main("pretrain", [*common, f"pretrain.sam_rho={rho}", "--out", tmp_path / name]) == 0
     off, tiny, on = (_weights(tmp_path / n) for n in ("off", "tiny", "on"))
     # with a vanishing radius the second pass sees the same weights: SAM == plain SGD + AGC
     assert _max_diff(off, tiny) < 1e-6

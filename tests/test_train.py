@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ONE_THREAD, ROOT, run_stage
+from conftest import ONE_THREAD, ROOT, run_stage, run_stage_in_process
 from pipeline import train
 from pipeline.checkpoint import CheckpointError
 from pipeline.plan import make_plan
@@ -63,9 +63,9 @@ def test_first_losses_of_a_seeded_run_are_pinned(demo_shards, tmp_path):
 def test_shards_read_through_pipe_urls_train_identically(demo_shards, tmp_path):
     shards = demo_shards["pretrain"]
     common = ["--recipe", RECIPE, "--shards", str(shards), *TINY]
-    run_stage("pretrain", *common, "--out", str(tmp_path / "local"))
-    run_stage("pretrain", *common, "--out", str(tmp_path / "pipe"),
-              "--shard-url", f"pipe:cat {shards}/{{name}}")
+    run_stage_in_process("pretrain", *common, "--out", str(tmp_path / "local"))
+    run_stage_in_process("pretrain", *common, "--out", str(tmp_path / "pipe"),
+                         "--shard-url", f"pipe:cat {shards}/{{name}}")
     assert _max_diff(_weights(tmp_path / "local"), _weights(tmp_path / "pipe")) == 0.0
 
 
