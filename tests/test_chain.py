@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, run_stage, run_stage_in_process
 from pipeline.checkpoint import complete_checkpoints, load_model_dir
 from pipeline.data.manifest import read_manifest
 
@@ -24,13 +24,17 @@ TINY_FT = ["finetune.epochs=2", "finetune.train_res=48", "finetune.test_res=48",
 def chain(demo_shards, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     out = {"runs": runs, "shards": demo_shards}
-    out["pretrain"] = run_stage("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
-                                "--out", str(runs / "pretrain"), *TINY)
-    out["finetune"] = run_stage("finetune", "--recipe", RECIPE, "--init", str(runs / "pretrain" / "model"),
-                                "--shards", str(demo_shards["finetune"]), "--out", str(runs / "finetune"),
-                                *TINY_FT)
-    out["evaluate"] = run_stage("evaluate", "--recipe", RECIPE, "--model", str(runs / "finetune" / "model"),
-                                "--shards", str(demo_shards["finetune"]), "--out", str(runs / "evaluate"))
+    # the training and evaluation stages in this process (no interpreter start-up); the scripts
+    # themselves run as a user runs them in tests/test_dvc.py, and publish here
+    out["pretrain"] = run_stage_in_process(
+        "pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
+        "--out", str(runs / "pretrain"), *TINY)
+    out["finetune"] = run_stage_in_process(
+        "finetune", "--recipe", RECIPE, "--init", str(runs / "pretrain" / "model"),
+        "--shards", str(demo_shards["finetune"]), "--out", str(runs / "finetune"), *TINY_FT)
+    out["evaluate"] = run_stage_in_process(
+        "evaluate", "--recipe", RECIPE, "--model", str(runs / "finetune" / "model"),
+        "--shards", str(demo_shards["finetune"]), "--out", str(runs / "evaluate"))
     out["publish"] = run_stage("publish", "--recipe", RECIPE, "--model", str(runs / "finetune" / "model"),
                                "--metrics", str(runs / "evaluate" / "metrics.json"),
                                "--out", str(runs / "publish"))

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import ONE_THREAD, ROOT, run_stage, torchrun
+from conftest import ROOT, run_stage_in_process, torchrun
 from pipeline.checkpoint import model_config, save_model_dir
 from pipeline.data.manifest import load_split, manifest_path, write_manifest
 from pipeline.data.reader import EvalShards, make_loader
@@ -73,9 +73,9 @@ def test_known_model_on_known_set_gives_the_hand_computed_metrics(tmp_path):
     ema, _, _ = constant_model(ema_bias)
     config = model_config(raw, arch, args, classes, 32, 32, 1.0, "bilinear", {})
     save_model_dir(tmp_path / "model", raw, ema, config)
-    p = run_stage("evaluate", "--recipe", RECIPE, "--model", str(tmp_path / "model"),
-                  "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "eval"),
-                  "evaluate.batch=4", "evaluate.num_workers=2", env=ONE_THREAD)
+    p = run_stage_in_process("evaluate", "--recipe", RECIPE, "--model", str(tmp_path / "model"),
+                             "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "eval"),
+                             "evaluate.batch=4", "evaluate.num_workers=2", threads=1)
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
 
     # by hand: 5 of the 13 labels are c1, 2 are c2; top-5 of raw misses c3 (x2) and c6 (x1)
@@ -188,7 +188,7 @@ def timm_validate(folder: Path, shards: Path, args: dict | None = None) -> np.nd
 def test_metrics_equal_a_timm_validate_loop(probe_model, demo_shards, tmp_path):
     shards = demo_shards["finetune"]
     common = ["--recipe", RECIPE, "--model", str(probe_model), "--shards", str(shards)]
-    run_stage("evaluate", *common, "--out", str(tmp_path / "eval"), env=ONE_THREAD)
+    run_stage_in_process("evaluate", *common, "--out", str(tmp_path / "eval"), threads=1)
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["weights"] == "raw" and "ema" not in m         # the folder has no EMA weights
     assert (m["test_res"], m["crop_pct"], m["interpolation"]) == (40, 0.8, "bilinear")
@@ -205,8 +205,8 @@ def test_metrics_equal_a_timm_validate_loop(probe_model, demo_shards, tmp_path):
 
     # the recipe may override the checkpoint's settings; timm given the same ones agrees again,
     # and disagrees with the first run (so the comparison above is sensitive to the transform)
-    run_stage("evaluate", *common, "--out", str(tmp_path / "eval32"), "evaluate.test_res=32",
-              "evaluate.crop_pct=1.0", env=ONE_THREAD)
+    run_stage_in_process("evaluate", *common, "--out", str(tmp_path / "eval32"),
+                         "evaluate.test_res=32", "evaluate.crop_pct=1.0", threads=1)
     m32 = json.loads((tmp_path / "eval32" / "metrics.json").read_text())
     assert (m32["test_res"], m32["crop_pct"]) == (32, 1.0)
     details32 = json.loads((tmp_path / "eval32" / "plots" / "details.json").read_text())
@@ -221,7 +221,7 @@ def test_two_processes_predict_each_sample_once_with_the_same_metrics(probe_mode
     # 179 samples in shards of 64: 2 processes x 2 workers read uneven contiguous ranges
     common = ["--recipe", RECIPE, "--model", str(probe_model), "--shards", str(demo_shards["finetune"]),
               "evaluate.batch=16", "evaluate.num_workers=2"]
-    run_stage("evaluate", *common, "--out", str(tmp_path / "one"), env=ONE_THREAD)
+    run_stage_in_process("evaluate", *common, "--out", str(tmp_path / "one"), threads=1)
     p = torchrun(2, "stages/evaluate.py", *common, "--out", str(tmp_path / "two"), timeout=300)
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
