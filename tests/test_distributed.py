@@ -75,8 +75,8 @@ def test_two_processes_read_each_sample_once_with_equal_batches(demo_shards, tmp
 def test_two_processes_equal_one_process_with_twice_the_batch(demo_shards, tmp_path):
     common = ["--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), *BASE, *DEEPMIND_DATA,
               "pretrain.epochs=1", "pretrain.augment.crop_scale=[0.6,1.0]"]
-    run_stage("pretrain", *common, "--out", str(tmp_path / "one"), "pretrain.micro_batch=32",
-              "pretrain.loader.num_workers=2")
+    run_stage_in_process("pretrain", *common, "--out", str(tmp_path / "one"),
+                         "pretrain.micro_batch=32", "pretrain.loader.num_workers=2")
     pretrain_torchrun(2, *common, "--out", str(tmp_path / "two"), "pretrain.micro_batch=16",
              "pretrain.loader.num_workers=1")
     # 22 steps of SGD + AGC; float32 reduction order differs between 1 and 2 processes

@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from conftest import ROOT, run_stage, stage_main
+from conftest import ROOT, run_stage, run_stage_in_process, stage_main
 from pipeline.plan import make_plan
 from pipeline.recipe import RecipeError, load_recipe, resolved_text, to_dict
 from pipeline.variants import get_variant
@@ -120,14 +120,14 @@ def test_stage_scripts_fail_fast_on_a_bad_recipe(tmp_path, stage):
     extra = {"pretrain": ["--shards", str(tmp_path)], "finetune": ["--init", "x", "--shards", str(tmp_path)],
              "evaluate": ["--model", "x", "--shards", "y"], "publish": ["--model", "x", "--out", "y"],
              "shard": ["--source", str(tmp_path), "--out", str(tmp_path / "o")]}[stage]
-    p = run_stage(stage, "--recipe", str(path), *extra, timeout=120, check=False)
+    p = run_stage_in_process(stage, "--recipe", str(path), *extra, check=False)
     assert p.returncode == 2, p.stderr
     assert f"{stage}.not_a_key" in p.stderr and "Allowed keys" in p.stderr
 
 
 @pytest.mark.parametrize("stage", ["shard", "pretrain", "finetune", "evaluate", "publish"])
 def test_stage_help(stage):
-    p = run_stage(stage, "--help", timeout=120)
+    p = run_stage_in_process(stage, "--help")
     assert p.returncode == 0 and "--recipe" in p.stdout and "python stages/" in p.stdout
 
 
