@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from pipeline import checkpoint as ckpt
 from pipeline import runtime
 from pipeline.agc import AGC
+from pipeline.batchnorm import prepare_batchnorm, train_mode
 from pipeline.data.device_aug import DeviceAugment
 from pipeline.data.manifest import SplitInfo, load_split, read_manifest
 from pipeline.data.prefetch import DevicePrefetcher
 from pipeline.data.reader import (
     Cursor,
-    DataError,
     TrainStreams,
     advance,
     checked,
@@ -44,6 +44,7 @@ from pipeline.data.reader import (
     micro_batches,
     rescale_cursor,
 )
+from pipeline.data.shard_reader import DataError
 from pipeline.data.transforms import train_augment
 from pipeline.evaluate import validate
 from pipeline.io import atomic_write_text
@@ -51,7 +52,6 @@ from pipeline.plan import Plan, make_plan
 from pipeline.preemption import Preempted, RunControl
 from pipeline.recipe import TrainSection, to_dict
 from pipeline.step import StepRunner, build_optimizer, build_scheduler, ema_decay
-from pipeline.variants import has_batchnorm
 
 __all__ = ["DataError", "Job", "NonFiniteLoss", "Preempted", "TrainResult", "Trainer",
            "build_optimizer", "ema_decay", "run"]
@@ -146,7 +146,7 @@ class Trainer:
         self.acc = runtime.make_accelerator(s.precision, accum_steps=self.plan.accum_steps,
                                             trackers=s.trackers, project_dir=self.out)
         self.device = self.acc.device
-        model = _prepare_batchnorm(job.model, s, self.plan, self.acc).to(self.device)
+        model = prepare_batchnorm(job.model, s, self.plan, self.acc).to(self.device)
         if s.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -241,7 +241,7 @@ class Trainer:
         self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)
         self.t_start = self.t_log = time.perf_counter()
         self.steps_since = 0
-        _train_mode(self.ddp_model, s.freeze_bn_stats)
+        train_mode(self.ddp_model, s.freeze_bn_stats)
         runtime.reset_peak_memory(dev)
         control = self.control
         try:
@@ -389,7 +389,7 @@ class Trainer:
         """A point of the validation curve (`eval_every`): top-1 of the EMA (else raw) weights."""
         name = "ema" if self.ema is not None else "raw"
         m = self._validate({name: self.ema.module if self.ema is not None else self.model})[name]
-        _train_mode(self.ddp_model, self.section.freeze_bn_stats)
+        train_mode(self.ddp_model, self.section.freeze_bn_stats)
         bar.write(f"[{self.job.stage}] step {self.step}: val top-1 {m['top1']:.2f}% ({name}), "
                   f"nll {m['nll']:.4f}")
         if self.acc.log_with:
@@ -437,37 +437,6 @@ class Trainer:
 # ------------------------------------------------------------------------------------------------
 # Helpers of the phases
 # ------------------------------------------------------------------------------------------------
-
-def _prepare_batchnorm(model: nn.Module, section: TrainSection, plan: Plan, acc) -> nn.Module:
-    """BN baselines only: SyncBatchNorm when asked (on GPUs), and a warning when the per-device
-    batch is too small for stable statistics. NFNets have no BN and pass through unchanged."""
-    if not has_batchnorm(model):
-        return model
-    sync = section.model.sync_bn and plan.processes > 1
-    if sync and acc.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif sync and acc.is_main_process:
-        print("warning: model.sync_bn needs CUDA devices (torch's SyncBatchNorm); each process "
-              "keeps its own batch statistics here")
-        sync = False
-    per_stats = plan.micro_batch * (plan.processes if sync else 1)
-    if per_stats < 16 and acc.is_main_process:
-        print(f"warning: batch norm statistics come from {per_stats} images per forward pass; "
-              f"below ~16 they are noisy and accuracy drops (Wu & He 2018). Raise micro_batch, "
-              f"or set model.sync_bn=true on GPUs. (NFNets have no such limit.)")
-    return model
-
-
-def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """train(), except that BN layers keep using (and not updating) their running statistics when
-    `bn_stats: freeze` is set, or when they sit in a frozen part of the model (init.freeze)."""
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            frozen = m.weight is not None and not m.weight.requires_grad
-            if freeze_bn or frozen:
-                m.eval()
-
 
 def _resumable(section: TrainSection) -> dict[str, Any]:
     """The recipe keys that change the run's result: not logging, loaders, checkpointing, or how

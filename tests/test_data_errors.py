@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT, run_stage_in_process
 from pipeline.data.manifest import read_manifest
-from pipeline.data.reader import DataError, _replacements, shard_order
+from pipeline.data.reader import _replacements, shard_order
+from pipeline.data.shard_reader import DataError
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 RUN = ["pretrain.steps=12", "pretrain.epochs=null", "pretrain.warmup_steps=2",

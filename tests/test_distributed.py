@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import ONE_THREAD, ROOT, run, run_stage, run_stage_in_process, torchrun
 from pipeline.data.manifest import load_split
-from pipeline.data.reader import open_shard
+from pipeline.data.shard_reader import open_shard
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # DeepMind's data path: 2 images per example (quarters 1x2 MixUp, 3x4 CutMix), RandAugment after

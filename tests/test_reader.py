@@ -71,7 +71,7 @@ def test_one_epoch_reads_every_sample_once(split):
     assert len(keys) == len(set(keys))                                  # no duplicates
     all_keys = set()
     for url in split.urls:
-        from pipeline.data.reader import open_shard
+        from pipeline.data.shard_reader import open_shard
         all_keys |= {s["__key__"] for s in open_shard(url)}
     missing = all_keys - set(keys)
     # the documented remainder: N - S * L (< S) plus the partial last sub-batch of each stream
@@ -167,7 +167,7 @@ def test_real_dataloader_workers_give_the_emulated_sequence(split):
 
 
 def test_batches_mix_classes_and_follow_the_block_permutation(split):
-    from pipeline.data.reader import PositionReader
+    from pipeline.data.shard_reader import PositionReader
     ds = streams(split, Cursor(0, 0, 1), 0, 1, 1, 32)               # one stream, block 50
     first = next(ds.iter_worker(0))
     assert len(set(first["label"].tolist())) >= 4                  # 5 classes, shuffled

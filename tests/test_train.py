@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import ONE_THREAD, ROOT, run_stage, run_stage_in_process
 from pipeline import train
+from pipeline.batchnorm import train_mode
 from pipeline.checkpoint import CheckpointError
 from pipeline.plan import make_plan
 from pipeline.recipe import load_recipe
@@ -130,10 +131,10 @@ def test_resumable_keys_leave_out_what_does_not_change_the_result():
 
 def test_train_mode_freezes_bn_statistics_only_where_asked():
     model, _, _ = build_model("tiny_bn", 5)
-    train._train_mode(model, freeze_bn=False)
+    train_mode(model, freeze_bn=False)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(m.training for m in bns)
-    train._train_mode(model, freeze_bn=True)
+    train_mode(model, freeze_bn=True)
     assert model.training and not any(m.training for m in bns)
 
 

@@ -22,8 +22,8 @@ Where timm's defaults differ from DeepMind's training, and what we set:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -36,7 +36,7 @@ MEAN = IMAGENET_DEFAULT_MEAN
 STD = IMAGENET_DEFAULT_STD
 
 
-def randaugment_spec(layers: int, magnitude: int) -> Optional[str]:
+def randaugment_spec(layers: int, magnitude: int) -> str | None:
     """timm's RandAugment config string matching DeepMind's RA (every op applied, m up to 15)."""
     if layers <= 0:
         return None
@@ -62,7 +62,7 @@ class TrainAugment:
     """What the training input does to images, and in which order (see the module docstring)."""
     res: int
     crop_flip: Callable                  # PIL -> PIL (timm's primary transforms)
-    randaugment: Optional[Callable]      # PIL -> PIL, or None when RandAugment is off
+    randaugment: Callable | None         # PIL -> PIL, or None when RandAugment is off
     to_tensor: Callable                  # PIL -> uint8 CHW tensor
     pairs: str                           # mixing.PAIRS
     mixup_alpha: float

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -32,7 +31,7 @@ def verify(out: str | os.PathLike) -> list[str]:
     return problems
 
 
-def _verify_shard(path: Path, length: int, sha: Optional[str], num_classes: int,
+def _verify_shard(path: Path, length: int, sha: str | None, num_classes: int,
                   keys: list[str]) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing (listed in the manifest); re-run the shard stage to rewrite it"]

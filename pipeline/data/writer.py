@@ -28,7 +28,6 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import PIL
@@ -125,12 +124,12 @@ def plan_split(source: Source, split: str, section: ShardSection) -> list[ShardP
 class _State:
     source: Source
     out: Path
-    max_size: Optional[int]
+    max_size: int | None
     jpeg_quality: int
     progress: Callable[[int], None] = field(default=lambda n: None)
 
 
-_STATE: Optional[_State] = None
+_STATE: _State | None = None
 
 
 def _init_worker(source: Source, out: Path, max_size, quality, counter=None, progress=None) -> None:
@@ -142,7 +141,7 @@ def _init_worker(source: Source, out: Path, max_size, quality, counter=None, pro
     _STATE = _State(source, out, max_size, quality, progress or (lambda n: None))
 
 
-def _run_shard(task: tuple[ShardPlan, Optional[dict]]) -> dict:
+def _run_shard(task: tuple[ShardPlan, dict | None]) -> dict:
     plan, previous = task
     st = _STATE
     path = st.out / plan.filename
@@ -178,7 +177,7 @@ def _run_shard(task: tuple[ShardPlan, Optional[dict]]) -> dict:
             "skipped": skipped}
 
 
-def _encode_sample(src, i: int, st: _State, skipped: list) -> Optional[dict]:
+def _encode_sample(src, i: int, st: _State, skipped: list) -> dict | None:
     try:
         raw, original = src.read(i)
         jpg = encode_image(raw, st.max_size, st.jpeg_quality)
@@ -298,7 +297,7 @@ def _run_pool(tasks, workers: int, state: tuple, bar, on_result) -> None:
             on_result(rec)
 
 
-def _reusable(rec: Optional[dict], plan: ShardPlan) -> Optional[dict]:
+def _reusable(rec: dict | None, plan: ShardPlan) -> dict | None:
     """The journal record if it describes exactly this plan, complete (nothing skipped)."""
     if rec and rec.get("plan") == plan.plan_sha256 and not rec.get("skipped") \
             and rec.get("count") == len(plan.indices):
