@@ -75,7 +75,9 @@ class ShardSection:
     seed: int = bounds(ge=0)              # seeds the permutation of samples across shards
     splits: list[str]                     # split folders (or dataset splits) to shard, e.g. [train, val]
     max_skipped_fraction: float = bounds(ge=0, le=1, default=0.001)  # fail if more unreadable
-                                          # images than this are skipped
+                                          # images than this fraction, and than
+    max_skipped_files: int = bounds(ge=0, default=10)  # this many, are skipped: strict at ImageNet
+                                          # scale (0.1% = 1,281), a few bad files in a small folder
     class_list: str | None = None      # file with one class name per line; default: sorted folders
     label_file: str | None = None      # labels of a flat split folder (ImageNet val as shipped):
                                           # LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt

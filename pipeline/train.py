@@ -33,7 +33,7 @@ from pipeline import runtime
 from pipeline.agc import AGC
 from pipeline.batchnorm import prepare_batchnorm, train_mode
 from pipeline.data.device_aug import DeviceAugment
-from pipeline.data.manifest import SplitInfo, load_split, read_manifest
+from pipeline.data.manifest import SplitInfo, load_split, read_manifest, split_name
 from pipeline.data.prefetch import DevicePrefetcher
 from pipeline.data.reader import (
     Cursor,
@@ -213,7 +213,7 @@ class Trainer:
                           lambda note: tqdm.write(f"[{job.stage}] warning: {note}", file=sys.stdout))
         self.runner = StepRunner(acc, self.ddp_model, self.forward, self.optimizer, self.agc, s,
                                  plan, batches, keys_log, device_aug)
-        has_val = "val" in read_manifest(job.shards)["splits"]
+        has_val = split_name(read_manifest(job.shards)["splits"], "val") is not None
         self.val_split = load_split(job.shards, "val", job.shard_url) if has_val else None
         if acc.log_with:
             acc.init_trackers(job.stage, config=_flat(to_dict(s)), init_kwargs={"dvclive": {

@@ -15,16 +15,16 @@ def sh(*cmd, cwd, timeout=1200):
     return p.stdout + p.stderr
 
 
-def shorten_demo(project, pretrain_epochs: int, finetune_epochs: int) -> None:
-    """The copy's demo recipe with fewer epochs, committed (the rest of the chain is unchanged)."""
-    recipe = project / "recipes" / "demo.yaml"
-    text = recipe.read_text()
+def shorten(project, recipe: str, pretrain_epochs: int, finetune_epochs: int) -> None:
+    """The copy's recipe with fewer epochs, committed (the rest of the chain is unchanged)."""
+    path = project / "recipes" / recipe
+    text = path.read_text()
     for old, new in (("epochs: 30 ", f"epochs: {pretrain_epochs} "),
                      ("epochs: 20 ", f"epochs: {finetune_epochs} ")):
-        assert text.count(old) == 1, f"recipes/demo.yaml no longer has '{old}': update this test"
+        assert text.count(old) == 1, f"recipes/{recipe} no longer has '{old}': update this test"
         text = text.replace(old, new)
-    recipe.write_text(text)
-    run(["git", "commit", "-qam", "shorter demo"], cwd=project)
+    path.write_text(text)
+    run(["git", "commit", "-qam", f"shorter {recipe}"], cwd=project)
 
 
 def metrics_of(project) -> dict:
@@ -36,7 +36,8 @@ def metrics_of(project) -> dict:
 def clone(tmp_path_factory):
     """A fresh clone-like copy: the project's tracked and unignored files, committed to git."""
     project = copy_project(tmp_path_factory.mktemp("clone") / "project")
-    shorten_demo(project, 10, 6)
+    shorten(project, "demo.yaml", 10, 6)
+    shorten(project, "demo_bn.yaml", 3, 2)         # for the experiment test
     return project
 
 
@@ -112,3 +113,34 @@ def test_editing_the_publishing_code_leaves_the_training_stages_up_to_date(clone
         card.write_text(original)
     assert "publish" in after and after - before <= {"publish"}, (before, after)
     assert not after & {"shard@pretrain", "shard@finetune", "pretrain", "finetune", "evaluate"}
+
+
+def _experiments(project) -> dict[str, tuple[str, float]]:
+    """{name (or the commit's branch): (variant, evaluate top-1)} from `dvc exp show --json`."""
+    rows = {}
+    for commit in json.loads(sh("dvc", "exp", "show", "--json", cwd=project)):
+        revs = [commit] + [r for e in commit.get("experiments") or [] for r in e.get("revs") or []]
+        for r in revs:
+            data = r.get("data") or {}
+            variant = data["params"]["params.yaml"]["data"]["variant"]
+            metric = data["metrics"]["runs/evaluate/metrics.json"]
+            assert "error" not in metric, (r.get("name"), metric)        # `!` in the table
+            rows[r.get("name") or r["rev"]] = (variant, metric["data"]["top1"])
+    return rows
+
+
+def test_experiments_show_their_metrics_side_by_side(clone, repro):
+    """The README's comparison: commit the demo's results, run the BN demo as an experiment, and
+    `dvc exp show` has both top-1s (no `!`). Last in this file: the experiment's results stay in
+    the workspace."""
+    top1 = metrics_of(clone)["runs/evaluate/metrics.json"]["data"]["top1"]
+    tracked = run(["git", "ls-files", "--others", "--exclude-standard", "runs"], cwd=clone).stdout
+    assert sorted(tracked.split()) == [f"runs/{s}/metrics.json" for s in ("evaluate", "finetune",
+                                                                          "pretrain")]
+    run(["git", "add", "-A"], cwd=clone)
+    run(["git", "commit", "-qm", "the demo's results"], cwd=clone)
+    out = sh("dvc", "exp", "run", "-n", "bn", "-S", "variant=demo_bn", "evaluate", cwd=clone)
+    assert "Running stage 'pretrain'" in out
+    rows = _experiments(clone)
+    assert rows["bn"][0] == "demo_bn" and rows["bn"][1] > 20                 # chance: 20%
+    assert ("demo", top1) in rows.values()                            # the committed baseline

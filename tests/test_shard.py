@@ -83,7 +83,7 @@ def add_odd_images(root: Path) -> None:
 
 # Pinned here so the tests do not move when the demo recipe's shard section is retuned.
 BASE = ["shard.shard_size=5", "shard.max_size=40", "shard.jpeg_quality=95", "shard.seed=0",
-        "shard.splits=[train,val]", "shard.max_skipped_fraction=0.001"]
+        "shard.splits=[train,val]", "shard.max_skipped_fraction=0.001", "shard.max_skipped_files=0"]
 
 
 def main(argv: list[str]) -> int:
@@ -283,6 +283,22 @@ def test_too_many_unreadable_images_fail_with_report(tmp_path, capsys):
     assert read_manifest(out)["splits"]["train"]["num_samples"] == 8
 
 
+def test_a_few_bad_files_in_a_small_folder_are_within_the_floor(tmp_path, capsys):
+    """2 bad files of 12: 0.1% alone fails; shard.max_skipped_files (default 10) lets a small
+    folder through and counts them; with a floor of 1 the message names both limits."""
+    src = make_folder(tmp_path / "raw", per_class=(4, 4, 4), val=1)
+    for f in (src / "train" / "owl" / "001.jpg", src / "train" / "dog" / "002.jpg"):
+        f.write_bytes(f.read_bytes()[:300])
+    assert shard(src, tmp_path / "floor1", "shard.splits=[train]", "shard.max_skipped_files=1") == 1
+    err = capsys.readouterr().err
+    assert "shard.max_skipped_fraction=0.001 and shard.max_skipped_files=1 allow" in err
+    out = tmp_path / "default"
+    assert shard(src, out, "shard.splits=[train]", "shard.max_skipped_files=10") == 0
+    assert read_manifest(out)["splits"]["train"]["num_samples"] == 10
+    from pipeline.recipe import load_recipe
+    assert load_recipe(ROOT / "recipes" / "f0.yaml").shard.max_skipped_files == 10
+
+
 def test_empty_image_is_skipped_as_an_empty_file(tmp_path):
     src = make_folder(tmp_path / "raw", per_class=(2, 2, 2), val=1)
     (src / "train" / "owl" / "empty.jpg").write_bytes(b"")
@@ -320,6 +336,22 @@ def test_verify_names_damaged_and_missing_shards(tmp_path, capsys):
     (out / "_info.json").write_text(json.dumps(info))
     n = info["splits"]["train"]["shard_lengths"][1]
     assert f"{out / 'train-000001.tar'}: {n - 1} samples, the manifest says {n}" in verify(out)
+
+
+def test_verify_says_a_truncated_shard_is_truncated(tmp_path, capsys):
+    src = make_folder(tmp_path / "raw")
+    out = tmp_path / "shards"
+    assert shard(src, out) == 0
+    tar = out / "train-000000.tar"
+    size = tar.stat().st_size
+    with open(tar, "r+b") as f:
+        f.truncate(size // 2)
+    capsys.readouterr()
+    assert main(["--verify", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tar}: {size // 2:,} bytes, the manifest says {size:,} (truncated)" in err
+    assert f"{tar}: not a readable tar (unexpected end of data); re-run the shard stage" in err
+    assert " object at 0x" not in err and "<" not in err          # no internal reprs
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -383,3 +415,16 @@ def test_help_starts_with_the_commands(capsys):
     text = capsys.readouterr().out
     assert "--recipe recipes/f0.yaml --source /data/imagenet" in text
     assert "--recipe recipes/demo.yaml --source data/demo/raw/pretrain" in text
+
+
+def test_training_pointed_at_the_images_says_to_shard_them_elsewhere(tmp_path):
+    """--shards given the image folder: the hint shards it into a folder of its own (never into
+    the image tree, which the shard stage refuses)."""
+    from pipeline.data.manifest import ManifestError
+    src = make_folder(tmp_path / "raw")
+    with pytest.raises(ManifestError) as e:
+        read_manifest(src)
+    assert f"{src} holds images" in str(e.value) and f"--source {src} --out <shards folder" in str(e.value)
+    assert f"--out {src}" not in str(e.value)
+    with pytest.raises(ManifestError, match="run the shard stage first.*--out .*nothing"):
+        read_manifest(tmp_path / "nothing")

@@ -83,6 +83,18 @@ def _job(shards, out, overrides=(), **kw):
     return train.Job("pretrain", section, model, shards, out, config, **kw)
 
 
+def test_a_split_named_validation_validates_the_run(demo_shards, tmp_path):
+    """HF datasets call the held-out split "validation": shards of it are used as "val"."""
+    import shutil
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards["pretrain"], shards)
+    info = json.loads((shards / "_info.json").read_text())
+    info["splits"]["validation"] = info["splits"].pop("val")
+    (shards / "_info.json").write_text(json.dumps(info))
+    result = train.run(_job(shards, tmp_path / "run"))
+    assert "val_top1_raw" in result.metrics() and "val_nll_ema" in result.metrics()
+
+
 def test_the_phases_by_name_and_the_typed_result(demo_shards, tmp_path):
     """setup -> resume -> open_data -> train -> finish, called one by one as `run` does; the
     result is a TrainResult (metrics only: no model, no accelerator in it)."""

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.source import IMAGE_EXTENSIONS
 from pipeline.io import atomic_write_text
 
 MANIFEST_NAME = "_info.json"
@@ -57,8 +59,7 @@ def manifest_path(root: str | os.PathLike) -> Path:
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     path = manifest_path(root)
     if not path.is_file():
-        raise ManifestError(f"no shard manifest at {path}: run the shard stage first "
-                            f"(python stages/shard.py --recipe <recipe> --source <images> --out {root})")
+        raise ManifestError(f"no shard manifest at {path}: {_how_to_shard(Path(root))}")
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -66,6 +67,21 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     if "splits" not in info:
         raise ManifestError(f"{path} has no 'splits'; it was not written by the shard stage")
     return info
+
+
+# The held-out split under the names datasets give it (HF datasets: "validation").
+VAL_NAMES = ("val", "validation", "valid")
+
+
+def split_name(splits: Iterable[str], split: str) -> str | None:
+    """`split` as the manifest names it, or None: "val" also finds "validation" or "valid" (and
+    each of them the others), so shards of an HF dataset's `validation` split validate training."""
+    splits = list(splits)
+    if split in splits:
+        return split
+    if split in VAL_NAMES:
+        return next((n for n in VAL_NAMES if n in splits), None)
+    return None
 
 
 def load_split(root: str | os.PathLike, split: str, shard_url: str | None = None) -> SplitInfo:
@@ -77,9 +93,11 @@ def load_split(root: str | os.PathLike, split: str, shard_url: str | None = None
     paths are checked to exist.
     """
     info = read_manifest(root)
-    if split not in info["splits"]:
+    found = split_name(info["splits"], split)
+    if found is None:
         raise ManifestError(f"split '{split}' is not in {manifest_path(root)}; it has: "
                             f"{', '.join(info['splits'])}")
+    split = found
     if shard_url is not None and "{name}" not in shard_url:
         raise ManifestError(f"--shard-url {shard_url!r} needs a {{name}} placeholder for the "
                             f"shard file name, e.g. 'pipe:aws s3 cp s3://bucket/shards/{{name}} -'")
@@ -102,6 +120,33 @@ def load_split(root: str | os.PathLike, split: str, shard_url: str | None = None
     num_classes = int(info.get("num_classes") or len(class_names))
     return SplitInfo(split, tuple(urls), lengths, tuple(s.get("sha256") or ()), num_classes,
                      class_names, tuple(int(b) for b in s.get("sizes") or ()))
+
+
+def _how_to_shard(root: Path) -> str:
+    """The fix for a folder without a manifest: a folder of images or tars is a source to shard
+    into a folder of its own (the shard stage refuses --out inside its --source)."""
+    found = _first_file(root, IMAGE_EXTENSIONS | {".tar"})
+    if found is None:
+        return (f"run the shard stage first (python stages/shard.py --recipe <recipe> --source "
+                f"<images> --out {root})")
+    kind = "tar files" if found.suffix == ".tar" else "images"
+    return (f"{root} holds {kind} ({found}), not the shard stage's output: shard them into a "
+            f"folder of their own and pass that (python stages/shard.py --recipe <recipe> "
+            f"--source {root} --out <shards folder outside it>)")
+
+
+def _first_file(root: Path, suffixes: set[str], depth: int = 3) -> Path | None:
+    """A file with one of `suffixes` within `depth` folder levels of `root` (split/class/file)."""
+    if not root.is_dir():
+        return None
+    for entry in sorted(root.iterdir()):
+        if entry.is_file() and entry.suffix.lower() in suffixes:
+            return entry
+        if entry.is_dir() and depth > 1:
+            found = _first_file(entry, suffixes, depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 def write_manifest(root: str | os.PathLike, info: dict[str, Any]) -> Path:

@@ -34,7 +34,7 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-class _HashingReader:
+class HashingReader:
     """A file wrapper that hashes what is read (one pass gives samples and sha256)."""
 
     def __init__(self, f):
@@ -81,7 +81,7 @@ class PositionReader:
         self.sizes = [split.sizes[i] if split.sizes else None for i in order]
         self.starts = np.concatenate([[0], np.cumsum([split.shard_lengths[i] for i in order])])
         self._it: Iterator[dict] | None = None
-        self._hash: _HashingReader | None = None
+        self._hash: HashingReader | None = None
         self._broken: str | None = None          # why the open shard cannot be read further
         self._next = -1
         self._shard = -1
@@ -136,7 +136,7 @@ class PositionReader:
                            f"changed after sharding; {fix_hint(url)}")
         f = open(url, "rb")
         if whole and self.sha[shard]:
-            self._hash = _HashingReader(f)
+            self._hash = HashingReader(f)
             self._it = open_shard(url, self._hash)
         else:
             self._it = open_shard(url, f)

@@ -2,13 +2,14 @@
 complete samples and labels in range. Used by `stages/shard.py --verify` and after a copy."""
 from __future__ import annotations
 
-import hashlib
 import os
+import re
 from pathlib import Path
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.data.manifest import manifest_path, read_manifest
+from pipeline.data.shard_reader import HashingReader
 
 DEFAULT_KEYS = {"image": "jpg", "label": "cls", "meta": "json"}
 
@@ -26,20 +27,29 @@ def verify(out: str | os.PathLike) -> list[str]:
             problems.append(f"{manifest_path(out)}: split '{split}' num_samples {s['num_samples']} "
                             f"!= the sum of shard_lengths {sum(s['shard_lengths'])}")
         shas = s.get("sha256") or [None] * len(s["filenames"])
-        for name, length, sha in zip(s["filenames"], s["shard_lengths"], shas):
-            problems += _verify_shard(out / name, length, sha, num_classes, keys)
+        sizes = s.get("sizes") or [None] * len(s["filenames"])
+        for name, length, sha, size in zip(s["filenames"], s["shard_lengths"], shas, sizes):
+            problems += _verify_shard(out / name, length, sha, size, num_classes, keys)
     return problems
 
 
-def _verify_shard(path: Path, length: int, sha: str | None, num_classes: int,
+def _verify_shard(path: Path, length: int, sha: str | None, size: int | None, num_classes: int,
                   keys: list[str]) -> list[str]:
     if not path.is_file():
         return [f"{path}: missing (listed in the manifest); re-run the shard stage to rewrite it"]
+    problems = []
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        why = "truncated" if actual < size else "longer than written"
+        problems.append(f"{path}: {actual:,} bytes, the manifest says {size:,} ({why}); re-run the "
+                        f"shard stage to rewrite it")
     try:
         digest, samples = _scan_tar(path)
     except Exception as e:      # tarfile raises several types on a damaged archive
-        return [f"{path}: not a readable tar ({type(e).__name__}: {e}); re-run the shard stage"]
-    problems = []
+        # webdataset appends " @ <the file object>" to the message: the path is named already
+        reason = re.sub(r" @ <[^>]*>$", "", str(e)) or type(e).__name__
+        return problems + [f"{path}: not a readable tar ({reason}); re-run the shard stage to "
+                           f"rewrite it"]
     if sha is not None and digest != sha:
         problems.append(f"{path}: sha256 {digest[:16]}... does not match the manifest's "
                         f"{sha[:16]}...; the file changed after it was written: re-run the shard "
@@ -56,25 +66,11 @@ def _verify_shard(path: Path, length: int, sha: str | None, num_classes: int,
     return problems
 
 
-class _HashingReader:
-    """A file wrapper that hashes what is read: one pass gives both sha256 and the samples."""
-
-    def __init__(self, f):
-        self.f, self.h = f, hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.h.update(data)
-        return data
-
-
 def _scan_tar(path: Path) -> tuple[str, list[dict]]:
     """sha256 and the samples (as webdataset groups them, without image data) of one tar."""
     with open(path, "rb") as f:
-        reader = _HashingReader(f)
+        reader = HashingReader(f)
         files = ({**x, "__url__": str(path)} for x in tar_file_iterator(reader))
         samples = [{k: (v if k in ("__key__", "cls") else b"") for k, v in s.items()}
                    for s in group_by_keys(files)]
-        while reader.read(1 << 20):       # tarfile may stop before the zero padding
-            pass
-    return reader.h.hexdigest(), samples
+        return reader.finish(), samples

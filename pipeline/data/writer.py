@@ -247,7 +247,9 @@ def write_shards(source: Source, out: str | os.PathLike, section: ShardSection, 
 
 def _write_split(source, out, split, plans, previous, section, workers, progress, records) -> list:
     n = len(source.splits[split])
-    allowed = section.max_skipped_fraction * n
+    # a fraction alone fails a 300-image folder on its first bad file; a floor of a few files
+    # keeps small sets usable and changes nothing at ImageNet scale
+    allowed = max(section.max_skipped_fraction * n, section.max_skipped_files)
     done: list[dict] = []
     tasks = [(p, _reusable(previous.get(p.filename), p)) for p in plans]
 
@@ -261,9 +263,10 @@ def _write_split(source, out, split, plans, previous, section, workers, progress
             raise ShardError(
                 f"split '{split}': {skipped} of {n} images could not be read (at least "
                 f"{skipped / n:.3%}), more than shard.max_skipped_fraction="
-                f"{section.max_skipped_fraction} allows. Each is listed with its reason in "
+                f"{section.max_skipped_fraction} and shard.max_skipped_files="
+                f"{section.max_skipped_files} allow. Each is listed with its reason in "
                 f"{report}. Repair or remove those files and re-run (finished shards are "
-                f"reused), or raise shard.max_skipped_fraction.")
+                f"reused), or raise shard.max_skipped_fraction or shard.max_skipped_files.")
 
     state = (source, out, section.max_size, section.jpeg_quality)
     bar = tqdm(total=n, unit="img", desc=f"shard {split}", disable=not progress, smoothing=0.05)
