@@ -112,8 +112,10 @@ def torchrun(nproc: int, script: str | Path, *args: str, env: dict | None = None
 
 
 def copy_project(dst: Path, skip: Sequence[str] = ()) -> Path:
-    """The project's tracked and unignored files (less paths starting with `skip`), copied to
+    """The project's tracked and unignored files (less paths starting with `skip`, and less the
+    run outputs git does not ignore, `runs/*/metrics.json` of a local `dvc repro`), copied to
     `dst` and committed to a new git repo: what a fresh clone holds."""
+    skip = (*skip, "runs/")
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
