@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ckpt.read_model_config(args.model)
     except (ManifestError, ckpt.CheckpointError) as e:
         fail(str(e))
+    args.split = split.name          # as the manifest names it ("val" may have found "validation")
     names = class_names_of(config)
     if split.class_names and config.get("label_names") and list(split.class_names) != names:
         fail(f"the model's classes {names[:5]} differ from the shards' {list(split.class_names)[:5]} "

@@ -251,3 +251,20 @@ def test_predict_refuses_a_partial_set(probe_model, demo_shards):
     assert preds.index.tolist() == list(range(179))
     with pytest.raises(RuntimeError, match="89 predictions for 179 samples"):
         predict(models["raw"], split, transform, batch=64, workers=0, device=cpu, rank=0, world=2)
+
+
+def test_the_default_split_finds_a_validation_split_and_records_its_name(probe_model, demo_shards,
+                                                                          tmp_path):
+    """Shards of an HF dataset's "validation" split: `--split val` (the default) evaluates them,
+    and metrics.json names the split as the manifest does."""
+    import shutil
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards["finetune"], shards)
+    info = json.loads(manifest_path(shards).read_text())
+    info["splits"]["validation"] = info["splits"].pop("val")
+    manifest_path(shards).write_text(json.dumps(info))
+    run_stage_in_process("evaluate", "--recipe", RECIPE, "--model", str(probe_model), "--shards",
+                         str(shards), "--out", str(tmp_path / "eval"), threads=1)
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["split"] == "validation" and m["num_samples"] == 179
+    assert m["scored"][0]["split"] == "validation"
