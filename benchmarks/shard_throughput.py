@@ -40,17 +40,20 @@ def textured(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
+def write_image(root: Path, i: int, classes: int, rng: np.random.Generator) -> int:
+    """Image `i` (~400 x 350 px, ~110 KB) as root/train/c<class>/<i>.JPEG; its size in bytes."""
+    w, h = int(rng.integers(370, 431)), int(rng.integers(320, 381))
+    d = root / "train" / f"c{i % classes:02d}"
+    d.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    textured(rng, w, h).save(buf, "JPEG", quality=95)
+    (d / f"{i:06d}.JPEG").write_bytes(buf.getvalue())
+    return len(buf.getvalue())
+
+
 def make_images(root: Path, n: int, classes: int = 10, seed: int = 0) -> tuple[int, float]:
     rng = np.random.default_rng(seed)
-    total = 0
-    for i in range(n):
-        w, h = int(rng.integers(370, 431)), int(rng.integers(320, 381))
-        d = root / "train" / f"c{i % classes:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        textured(rng, w, h).save(buf, "JPEG", quality=95)
-        (d / f"{i:06d}.JPEG").write_bytes(buf.getvalue())
-        total += len(buf.getvalue())
+    total = sum(write_image(root, i, classes, rng) for i in range(n))
     return n, total / n / 1000
 
 

@@ -25,7 +25,6 @@ rewritten after every row, so a run stopped by its time limit keeps what it meas
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import os
@@ -181,19 +180,9 @@ def memory_bench(variant: str, stage: str, dev: torch.device, steps: int = 3) ->
 def _write_images(job: tuple[Path, int, int, int]) -> int:
     """One process's share of the generated JPEGs (per-image seeds: any split, same images)."""
     import numpy as np
-    from shard_throughput import textured
+    from shard_throughput import write_image
     root, lo, hi, classes = job
-    total = 0
-    for i in range(lo, hi):
-        rng = np.random.default_rng([0, i])
-        w, h = int(rng.integers(370, 431)), int(rng.integers(320, 381))
-        d = root / "train" / f"c{i % classes:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        textured(rng, w, h).save(buf, "JPEG", quality=95)
-        (d / f"{i:06d}.JPEG").write_bytes(buf.getvalue())
-        total += len(buf.getvalue())
-    return total
+    return sum(write_image(root, i, classes, np.random.default_rng([0, i])) for i in range(lo, hi))
 
 
 def make_shards(n: int, jobs: int | None = None, out: Path | None = None) -> Path:
