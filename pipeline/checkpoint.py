@@ -116,6 +116,11 @@ def read_model_config(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(cfg.read_text())
 
 
+def class_names_of(config: dict[str, Any]) -> list[str]:
+    """The model's class names as strings (its index numbers where config.json has none)."""
+    return [str(n) for n in config.get("label_names") or range(config["num_classes"])]
+
+
 def weights_file(folder: str | os.PathLike, weights: str) -> Path:
     """`ema` or `raw` weights of a model folder (a published folder has only model.safetensors)."""
     folder = Path(folder)

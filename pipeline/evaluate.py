@@ -172,10 +172,6 @@ def eval_settings(config: dict[str, Any], test_res: int | None = None,
         mean=tuple(pc.get("mean") or MEAN), std=tuple(pc.get("std") or STD))
 
 
-def class_names_of(config: dict[str, Any]) -> list[str]:
-    return [str(n) for n in config.get("label_names") or range(config["num_classes"])]
-
-
 def load_models(folder, wanted: list[str], device: torch.device | str = "cpu"
                 ) -> tuple[dict[str, nn.Module], dict[str, Any], list[str]]:
     """({label: model}, config, messages) for the weights in `wanted` (ema, raw) that the model
@@ -212,7 +208,7 @@ def validate(models: dict[str, nn.Module], split: SplitInfo, config: dict[str, A
         preds = predict(compiled(model) if compile else model, split, transform, batch=batch,
                         workers=workers, device=device, rank=rank, world=world, autocast=autocast,
                         mean=settings.mean, std=settings.std)
-        out[name] = compute_metrics(preds, class_names_of(config), bins)
+        out[name] = compute_metrics(preds, ckpt.class_names_of(config), bins)
         out[name].update(test_res=settings.res, crop_pct=settings.crop_pct,
                          crop_mode=settings.crop_mode, interpolation=settings.interpolation)
     return out

@@ -154,7 +154,7 @@ def metrics_for(metrics: dict[str, Any], weights: str, source: Path) -> dict[str
 # The folder
 # ------------------------------------------------------------------------------------------------
 
-def _check_destination(out: Path, new_sha: str, force: bool) -> None:
+def _check_destination(out: Path, weights: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PublishError(f"--out {out} is a file: give a folder")
     if not out.exists() or not any(out.iterdir()):
@@ -164,7 +164,7 @@ def _check_destination(out: Path, new_sha: str, force: bool) -> None:
                            f"choose another --out (it is replaced as a whole; --force does not "
                            f"apply here)")
     old = out / WEIGHTS
-    if (not old.is_file() or sha256_file(old) != new_sha) and not force:
+    if not force and (not old.is_file() or sha256_file(old) != sha256_file(weights)):
         raise PublishError(f"{out} already holds a different model; pass --force to replace it, "
                            f"or choose another --out")
 
@@ -201,7 +201,7 @@ def export_folder(model_dir: Path, out: Path, section: PublishSection,
     check_weights(model, state, weights, config["architecture"])
     cfg = hub_config(config, model, section.license, None if unchecked else metrics)
     _check_named_layers(cfg, state)
-    _check_destination(out, sha256_file(weights), force)
+    _check_destination(out, weights, force)
     recipes = {stage: yaml.safe_load(p.read_text()) for stage, p in recipe_files.items()}
     num_params = sum(t.numel() for t in state.values())
     texts = {"config.json": json.dumps(cfg, indent=2) + "\n", **(extra_texts or {})}

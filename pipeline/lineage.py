@@ -23,6 +23,13 @@ from pipeline.io import sha256_file
 _NOT_A_FOLDER = ("none:", "timm:")
 
 
+
+def data_lineage(shards: str | Path, shard_url: str | None) -> dict[str, Any]:
+    """Where a stage's data came from (its shard folder, URL template and the manifest's sha256),
+    for the training stages' resolved recipes and the evaluate stage's record."""
+    return {"shards": str(shards), "shard_url": shard_url,
+            "manifest_sha256": sha256_file(manifest_path(shards))}
+
 def lineage_recipes(model_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
     """{stage: recipe.resolved.yaml} found by walking the model folders' `init` links back from
     `model_dir` (each stage writes `<out>/recipe.resolved.yaml` next to `<out>/model/`)."""
@@ -129,8 +136,7 @@ def provenance_problems(config: dict[str, Any], metrics: dict[str, Any], weights
                f"none (it scored {', '.join(scored.get('weights') or {}) or 'no'} weights)")
         problems.append(f"{weights} weights: expected the sha256 of {weights_file} "
                         f"({sha[:12]}), got {got}")
-    # the label names as the evaluate stage reads them (pipeline.evaluate.class_names_of)
-    ours = [str(n) for n in config.get("label_names") or range(config["num_classes"])]
+    ours = ckpt.class_names_of(config)         # as the evaluate stage reads them
     theirs_names = [str(n) for n in scored.get("class_names") or []]
     if theirs_names != ours:
         problems.append(f"classes: expected config.json label_names {_few(ours)}, got "

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from pipeline import runtime, train
 from pipeline.cli import fail
-from pipeline.data.manifest import ManifestError, load_split, manifest_path, read_manifest
-from pipeline.io import sha256_file
+from pipeline.data.manifest import ManifestError, load_split, read_manifest
 from pipeline.plan import Plan, dry_run_report, make_plan
 from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
 from pipeline.recipe import TrainSection
@@ -50,12 +49,6 @@ def training_data(args: argparse.Namespace, section: TrainSection, stage: str
             fail(f"--dry-run without --shards needs {stage}.expected_samples in the recipe")
         return [str(i) for i in range(1000)], section.expected_samples
     fail("--shards is required (the output folder of the shard stage)")
-
-
-def data_lineage(args: argparse.Namespace) -> dict:
-    """Where the training data came from, for the resolved recipe (and the model card)."""
-    return {"shards": str(args.shards), "shard_url": args.shard_url,
-            "manifest_sha256": sha256_file(manifest_path(args.shards))}
 
 
 def train_and_finish(job: train.Job, debug: bool = False) -> int:

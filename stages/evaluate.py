@@ -29,9 +29,10 @@ from pathlib import Path
 from pipeline import checkpoint as ckpt
 from pipeline import runtime
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
-from pipeline.data.manifest import ManifestError, load_split, manifest_path
-from pipeline.evaluate import class_names_of, load_models, validate, write_plots
+from pipeline.data.manifest import ManifestError, load_split
+from pipeline.evaluate import load_models, validate, write_plots
 from pipeline.io import atomic_write_text, sha256_file
+from pipeline.lineage import data_lineage
 from pipeline.recipe import write_resolved
 
 SUMMARY = ("top1", "top5", "nll", "ece", "img_per_s", "forward_img_per_s")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, ckpt.CheckpointError) as e:
         fail(str(e))
     args.split = split.name          # as the manifest names it ("val" may have found "validation")
-    names = class_names_of(config)
+    names = ckpt.class_names_of(config)
     if split.class_names and config.get("label_names") and list(split.class_names) != names:
         fail(f"the model's classes {names[:5]} differ from the shards' {list(split.class_names)[:5]} "
              f"({args.shards}): evaluate on the label set the model was trained on")
@@ -111,8 +112,7 @@ def _scored_record(args, p: dict, names: list[str], shas: dict[str, dict[str, st
     record does not match the model it publishes."""
     return {"model": str(args.model), "weights": shas, "class_names": names,
             **{k: p[k] for k in ("test_res", "crop_pct", "crop_mode", "interpolation")},
-            "split": args.split, "shards": str(args.shards), "shard_url": args.shard_url,
-            "manifest_sha256": sha256_file(manifest_path(args.shards))}
+            "split": args.split, **data_lineage(args.shards, args.shard_url)}
 
 
 def write_outputs(args, recipe, results: dict[str, dict], names: list[str],
@@ -127,8 +127,7 @@ def write_outputs(args, recipe, results: dict[str, dict], names: list[str],
             metrics[name] = {k: r[k] for k in SUMMARY}
     # A one-item list: `dvc metrics show` makes a column of every string under a dict (shas,
     # paths) but skips lists, so the table keeps to the figures while the file holds the record.
-    metrics["scored"] = [_scored_record(args, p, names, {k: v for k, v in shas.items()
-                                                        if k in results})]
+    metrics["scored"] = [_scored_record(args, p, names, shas)]
     write_resolved(recipe, "evaluate", args.out, {"model": str(args.model), "split": args.split,
                                                   "weights": list(results),
                                                   "test_res": p["test_res"],

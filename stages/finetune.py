@@ -30,9 +30,10 @@ import sys
 from pipeline import checkpoint as ckpt
 from pipeline import runtime, train
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.lineage import data_lineage
 from pipeline.preemption import hold_stop_signals
 from pipeline.recipe import write_resolved
-from pipeline.train_cli import add_training_args, data_lineage, plan_or_exit, train_and_finish, training_data
+from pipeline.train_cli import add_training_args, plan_or_exit, train_and_finish, training_data
 from pipeline.transfer import (
     build_finetune_model,
     finetune_lineage,
@@ -78,7 +79,8 @@ def _main(argv: list[str] | None) -> int:
         for m in messages:
             print(f"[finetune] {m}")
     write_resolved(recipe, "finetune", args.out,
-                   {**plan.as_dict(), "init": args.init, **data_lineage(args)}, args.overrides)
+                   {**plan.as_dict(), "init": args.init, **data_lineage(args.shards, args.shard_url)},
+                   args.overrides)
     job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
                     init_fingerprint=src.fingerprint, record_keys=args.log_samples,
                     shard_url=args.shard_url)

@@ -17,9 +17,10 @@ import sys
 from pipeline import checkpoint as ckpt
 from pipeline import train
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.lineage import data_lineage
 from pipeline.preemption import hold_stop_signals
 from pipeline.recipe import write_resolved
-from pipeline.train_cli import add_training_args, data_lineage, plan_or_exit, train_and_finish, training_data
+from pipeline.train_cli import add_training_args, plan_or_exit, train_and_finish, training_data
 from pipeline.variants import build_model, get_variant
 
 
@@ -53,7 +54,7 @@ def _main(argv: list[str] | None) -> int:
     plan = plan_or_exit(args, section, "pretrain", num_samples, model, config)
 
     write_resolved(recipe, "pretrain", args.out,
-                   {**plan.as_dict(), **data_lineage(args)}, args.overrides)
+                   {**plan.as_dict(), **data_lineage(args.shards, args.shard_url)}, args.overrides)
     job = train.Job("pretrain", section, model, args.shards, args.out, config, resume=args.resume,
                     record_keys=args.log_samples, shard_url=args.shard_url)
     return train_and_finish(job, args.debug)

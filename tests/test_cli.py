@@ -6,6 +6,7 @@ import pytest
 
 from conftest import ROOT
 from pipeline import cli, train_cli
+from pipeline.lineage import data_lineage
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "f0.yaml")
@@ -75,5 +76,5 @@ def test_plan_or_exit_prints_the_plan_for_the_asked_process_count(capsys):
 
 def test_data_lineage_hashes_the_manifest(demo_shards):
     args = training_args("--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]))
-    lineage = train_cli.data_lineage(args)
+    lineage = data_lineage(args.shards, args.shard_url)
     assert lineage["shards"] == str(demo_shards["pretrain"]) and len(lineage["manifest_sha256"]) == 64

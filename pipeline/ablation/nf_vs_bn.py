@@ -20,9 +20,9 @@ from torch import nn
 
 from pipeline.ablation.runs import read_run
 from pipeline.ablation.table import write_table
-from pipeline.checkpoint import load_model_dir
+from pipeline.checkpoint import class_names_of, load_model_dir
 from pipeline.data.manifest import SplitInfo, load_split
-from pipeline.evaluate import class_names_of, compute_metrics, eval_settings, predict, validate
+from pipeline.evaluate import compute_metrics, eval_settings, predict, validate
 from pipeline.plan import training_flops_per_image
 from pipeline.variants import has_batchnorm
 
