@@ -207,19 +207,18 @@ def _augment(recipe: str, pairs: str):
 def step_examples(batch: dict, device_aug, dev: torch.device) -> torch.Tensor:
     """The step's data work on a batch (pipeline/step.py, StepRunner.inputs): mixing, RandAugment
     after mixing, normalisation; the images decode in the step (`jpeg`) or come prefetched."""
-    from pipeline.data.mixing import MixPlan, apply_plan, example_seed, quantize
+    from pipeline.data.mixing import MixPlan, apply_plan, quantize
+    from pipeline.data.prefetch import prepare
     from pipeline.data.transforms import normalize
     if "jpeg" in batch:
-        images = device_aug(batch["jpeg"], batch["offsets"], batch["seed"],
-                            randaugment=not ("mix_a" in batch and device_aug.ra_after_mix))
-    else:
-        images = batch["image"].to(dev, non_blocking=True)
+        batch = prepare(batch, device_aug)
+    images = batch["image"].to(dev, non_blocking=True)
     if "mix_a" not in batch or "ratio" in batch:          # unmixed, or mixed in the worker
         return normalize(images, True)
     plan = MixPlan.from_dict(batch)
     mixed, _ = apply_plan(images, plan)
     if device_aug is not None and device_aug.ra_after_mix:
-        ops = [device_aug.example_ops(example_seed(batch["seed"][a])) for a in plan.a.tolist()]
+        ops = [device_aug.example_ops(e) for e in plan.seed.tolist()]
         mixed = device_aug.apply_ops(quantize(mixed), ops)
     return normalize(mixed, True)
 

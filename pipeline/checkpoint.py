@@ -137,11 +137,14 @@ def weights_file(folder: str | os.PathLike, weights: str) -> Path:
 
 def build_from_config(config: dict[str, Any], num_classes: int | None = None,
                       **kwargs: Any) -> nn.Module:
-    """The timm model a config.json describes (architecture + model_args), untrained."""
-    return timm.create_model(config["architecture"], pretrained=False,
+    """The timm model a config.json describes (architecture + model_args), untrained. A DeepMind
+    NFNet gets timm's closest weight standardisation (std_conv_eps 1e-10) when its model_args do
+    not set one (timm's and the Hub's dm_nfnet configs), as its exported config.json will say."""
+    arch = config["architecture"]
+    return timm.create_model(arch, pretrained=False,
                              num_classes=num_classes if num_classes is not None
                              else config["num_classes"],
-                             **config.get("model_args", {}), **kwargs)
+                             **std_conv.rebuild_args(arch, config.get("model_args", {})), **kwargs)
 
 
 def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor],

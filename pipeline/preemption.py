@@ -110,10 +110,10 @@ class RunControl:
     def exchange(self) -> tuple[bool, int]:
         """(stop, total unreadable samples): the same on every process. Call once per step
         boundary on every process. One step behind with several processes."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.signum is not None, self.bad_samples
         mine = torch.tensor([1 if self.signum is not None else 0, self.bad_samples],
                             dtype=torch.long)
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return bool(mine[0]), int(mine[1])
         if self._group is None:
             # a gloo group of its own (made at the first boundary, by every process at once):
             # the exchange stays on the CPU whatever the training backend

@@ -37,13 +37,13 @@ def deepmind_standardize(weight: torch.Tensor, gain: torch.Tensor, gamma: float 
     var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
     fan_in = flat.shape[1]
     scale = torch.rsqrt(torch.clamp(var * fan_in, min=eps))
-    w = (flat - mean) * scale * (gain.reshape(-1, 1) * gamma)
+    w = (flat - mean) * (scale * gain.reshape(-1, 1) * gamma)     # the small factors first
     return w.reshape_as(weight)
 
 
 class _DeepMindWS:
-    """Shared forward for both padding flavours (the class of a timm conv is swapped to a
-    subclass of it with this mixin first, so timm's attributes and parameters stay)."""
+    """The forward of both padding flavours (the class of a timm conv is swapped to a subclass
+    of it with this mixin first, so timm's attributes and parameters stay)."""
 
     def standardized_weight(self) -> torch.Tensor:
         # timm folds gamma / sqrt(fan_in) into self.scale; DeepMind's formula has the fan-in
@@ -51,19 +51,19 @@ class _DeepMindWS:
         gamma = float(self.scale) * self.weight[0].numel() ** 0.5
         return deepmind_standardize(self.weight, self.gain, gamma)
 
-
-class DeepMindStdConv2d(_DeepMindWS, ScaledStdConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
-
-
-class DeepMindStdConv2dSame(_DeepMindWS, ScaledStdConv2dSame):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.same_pad:
+        if getattr(self, "same_pad", False):              # ScaledStdConv2dSame's dynamic padding
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
+
+
+class DeepMindStdConv2d(_DeepMindWS, ScaledStdConv2d):
+    pass
+
+
+class DeepMindStdConv2dSame(_DeepMindWS, ScaledStdConv2dSame):
+    pass
 
 
 _SWAP = {ScaledStdConv2d: DeepMindStdConv2d, ScaledStdConv2dSame: DeepMindStdConv2dSame}

@@ -19,7 +19,8 @@ from torch import nn
 
 from pipeline.agc import AGC, split_parameters
 from pipeline.data.device_aug import DeviceAugment
-from pipeline.data.mixing import MixPlan, apply_plan, example_seed, quantize
+from pipeline.data.mixing import MixPlan, apply_plan, quantize
+from pipeline.data.prefetch import prepare
 from pipeline.data.transforms import mixed_cross_entropy, normalize
 from pipeline.plan import Plan
 from pipeline.recipe import TrainSection
@@ -49,27 +50,24 @@ class StepRunner:
         a mix plan (mixed here, in float; with `loader.decode: device` decoded and augmented here
         first), or unmixed (ratio 1)."""
         dev, s = self.acc.device, self.section
-        y = batch["label"].to(dev, non_blocking=True)
-        ra_after = self.device_aug is not None and self.section.augment.randaugment_order == \
-            "after_mix"
         if "jpeg" in batch:                               # not prefetched: decode here
-            images = self.device_aug(batch["jpeg"], batch["offsets"], batch["seed"],
-                                     randaugment=not ("mix_a" in batch and ra_after))
-        else:
-            images = batch["image"].to(dev, non_blocking=True)
+            batch = prepare(batch, self.device_aug)
+        images = batch["image"].to(dev, non_blocking=True)
+        labels = batch["label"]
+        y = labels.to(dev, non_blocking=True)
         if "ratio" in batch:                              # mixed in the loader worker
-            return (normalize(images, s.channels_last), y, batch["label_b"].to(dev),
-                    batch["ratio"].to(dev))
+            return (normalize(images, s.channels_last), y, batch["label_b"].to(dev, non_blocking=True),
+                    batch["ratio"].to(dev, non_blocking=True))
         if "mix_a" not in batch:                          # no mixing
             return normalize(images, s.channels_last), y, y, torch.ones(len(y), device=dev)
         plan = MixPlan.from_dict(batch)
         mixed, ratio = apply_plan(images, plan)
-        if ra_after:                                      # DeepMind's order, on the device
-            seeds = [example_seed(batch["seed"][int(a)]) for a in plan.a]
-            mixed = self.device_aug.apply_ops(quantize(mixed),
-                                              [self.device_aug.example_ops(e) for e in seeds])
-        a, b = plan.a.to(dev), plan.b.to(dev)
-        return normalize(mixed, s.channels_last), y[a], y[b], ratio
+        if self.device_aug is not None and self.device_aug.ra_after_mix:   # DeepMind's order
+            ops = [self.device_aug.example_ops(e) for e in plan.seed.tolist()]
+            mixed = self.device_aug.apply_ops(quantize(mixed), ops)
+        # the labels are indexed on the host (no device copy of the pair indices to wait for)
+        return (normalize(mixed, s.channels_last), labels[plan.a].to(dev, non_blocking=True),
+                labels[plan.b].to(dev, non_blocking=True), ratio)
 
     def log_keys(self, step: int, micro: int, batch: dict) -> None:
         if self.keys_log is not None:

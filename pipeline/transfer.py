@@ -141,10 +141,8 @@ def deepmind_init(path: str) -> InitSource:
     except DeepMindCheckpointError as e:
         raise ckpt.CheckpointError(f"dm:{path}: {e}") from None
     num_classes = int(state["head.fc.weight"].shape[0])
-    model, arch, model_args = build_model(variant, num_classes, device="meta")
-    problem = ckpt.weights_mismatch(model, state)
-    if problem is not None:
-        raise ckpt.CheckpointError(f"dm:{path}: the parameters do not fit {variant}: {problem}")
+    # whether the parameters fit is checked where they are loaded (checkpoint.load_weights)
+    arch, model_args = v.timm_arch, v.model_args()
     config = {"architecture": arch, "model_args": model_args, "num_classes": num_classes,
               "label_names": [],
               "pretrained_cfg": {"input_size": [3, v.train_res, v.train_res],

@@ -109,7 +109,7 @@ class DeviceAugment:
         params = [self.params(s, img.shape[-2], img.shape[-1], with_ops=randaugment)
                   for s, img in zip(seeds, images)]
         out = self.crop_flip(images, params)
-        return self.apply_ops(out, [p.ops for p in params]) if randaugment else out
+        return self.apply_ops(out, [p.ops for p in params])      # no ops without `randaugment`
 
     def decode(self, jpeg: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
         """The JPEGs packed in `jpeg` (reader.pack_jpegs) as uint8 (3, H, W) images on the device
@@ -341,20 +341,23 @@ def _weigh(pixels: torch.Tensor, weights: torch.Tensor, weights_first: bool) -> 
     return product(head) + product((weights - head.float()).half())
 
 
-def _chunks(sizes: list[tuple[int, int]], budget: int = PAD_BUDGET) -> list[list[int]]:
+def _chunks(sizes: list[tuple[int, int]]) -> list[list[int]]:
     """Image indices in chunks whose zero-padded batch (k x 3 x max H x max W) stays within
-    `budget`: all at once when they fit (the usual case), else by size, similar sizes together."""
-    def cost(chunk):
-        return 3 * len(chunk) * max(sizes[i][0] for i in chunk) * max(sizes[i][1] for i in chunk)
+    PAD_BUDGET (read at call time): all at once when they fit (the usual case), else by size,
+    similar sizes together. One pass, with running maxima."""
+    if not sizes:
+        return []
     everything = list(range(len(sizes)))
-    if not sizes or cost(everything) <= budget:
-        return [everything] if sizes else []
-    chunks, current = [], []
+    if 3 * len(sizes) * max(h for h, _ in sizes) * max(w for _, w in sizes) <= PAD_BUDGET:
+        return [everything]
+    chunks, current, hmax, wmax = [], [], 0, 0
     for i in sorted(everything, key=lambda i: (sizes[i][0] * sizes[i][1], i)):
-        if current and cost(current + [i]) > budget:
+        h, w = sizes[i]
+        if current and 3 * (len(current) + 1) * max(hmax, h) * max(wmax, w) > PAD_BUDGET:
             chunks.append(current)
-            current = []
+            current, hmax, wmax = [], 0, 0
         current.append(i)
+        hmax, wmax = max(hmax, h), max(wmax, w)
     return chunks + [current]
 
 

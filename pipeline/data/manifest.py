@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.source import IMAGE_EXTENSIONS
+from pipeline.data.source import is_image_name
 from pipeline.io import atomic_write_text
 
 MANIFEST_NAME = "_info.json"
@@ -69,6 +69,11 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def is_local(url: str) -> bool:
+    """A file path, not a URL or a `pipe:` command."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 # The held-out split under the names datasets give it (HF datasets: "validation").
 VAL_NAMES = ("val", "validation", "valid")
 
@@ -107,8 +112,8 @@ def load_split(root: str | os.PathLike, split: str, shard_url: str | None = None
         if shard_url is not None:
             urls.append(shard_url.replace("{name}", name))
             continue
-        url = name if "://" in name or name.startswith("pipe:") else os.path.join(str(root), name)
-        if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url):
+        url = os.path.join(str(root), name) if is_local(name) else name
+        if is_local(url) and not os.path.isfile(url):
             raise ManifestError(f"shard {url} listed in {manifest_path(root)} is missing; "
                                 f"re-run the shard stage (it reuses shards that are intact)")
         urls.append(url)
@@ -125,7 +130,7 @@ def load_split(root: str | os.PathLike, split: str, shard_url: str | None = None
 def _how_to_shard(root: Path) -> str:
     """The fix for a folder without a manifest: a folder of images or tars is a source to shard
     into a folder of its own (the shard stage refuses --out inside its --source)."""
-    found = _first_file(root, IMAGE_EXTENSIONS | {".tar"})
+    found = _first_source_file(root)
     if found is None:
         return (f"run the shard stage first (python stages/shard.py --recipe <recipe> --source "
                 f"<images> --out {root})")
@@ -135,15 +140,15 @@ def _how_to_shard(root: Path) -> str:
             f"--source {root} --out <shards folder outside it>)")
 
 
-def _first_file(root: Path, suffixes: set[str], depth: int = 3) -> Path | None:
-    """A file with one of `suffixes` within `depth` folder levels of `root` (split/class/file)."""
+def _first_source_file(root: Path, depth: int = 3) -> Path | None:
+    """An image or a tar within `depth` folder levels of `root` (split/class/file)."""
     if not root.is_dir():
         return None
     for entry in sorted(root.iterdir()):
-        if entry.is_file() and entry.suffix.lower() in suffixes:
+        if entry.is_file() and (is_image_name(entry.name) or entry.suffix.lower() == ".tar"):
             return entry
         if entry.is_dir() and depth > 1:
-            found = _first_file(entry, suffixes, depth - 1)
+            found = _first_source_file(entry, depth - 1)
             if found is not None:
                 return found
     return None

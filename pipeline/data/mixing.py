@@ -43,21 +43,23 @@ class MixPlan:
     cutmix: torch.Tensor   # bool: CutMix (True) or MixUp (False)
     lam: torch.Tensor      # float: MixUp weight of image a (unused by CutMix rows)
     box: torch.Tensor      # long (n, 4): y1, y2, x1, x2 of the CutMix box (zeros for MixUp rows)
+    seed: torch.Tensor     # long: the example's seed (example_seed of image a's): its ratio or
+                           # box here, and its RandAugment operations when they follow the mix
 
     def __len__(self) -> int:
         return len(self.a)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {"mix_a": self.a, "mix_b": self.b, "mix_cutmix": self.cutmix, "mix_lam": self.lam,
-                "mix_box": self.box}
+                "mix_box": self.box, "mix_seed": self.seed}
 
     @classmethod
     def from_dict(cls, d: dict) -> MixPlan:
-        return cls(d["mix_a"], d["mix_b"], d["mix_cutmix"], d["mix_lam"], d["mix_box"])
+        return cls(d["mix_a"], d["mix_b"], d["mix_cutmix"], d["mix_lam"], d["mix_box"], d["mix_seed"])
 
     def shifted(self, offset: int) -> MixPlan:
         """The same plan for images that now start at `offset` (chunks concatenated)."""
-        return MixPlan(self.a + offset, self.b + offset, self.cutmix, self.lam, self.box)
+        return MixPlan(self.a + offset, self.b + offset, self.cutmix, self.lam, self.box, self.seed)
 
     @staticmethod
     def concat(plans: list[MixPlan], sizes: list[int]) -> MixPlan:
@@ -65,7 +67,7 @@ class MixPlan:
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
         moved = [p.shifted(int(s)) for p, s in zip(plans, starts)]
         return MixPlan(*(torch.cat([getattr(p, f) for p in moved])
-                         for f in ("a", "b", "cutmix", "lam", "box")))
+                         for f in ("a", "b", "cutmix", "lam", "box", "seed")))
 
 
 def mixing_on(mixup_alpha: float, cutmix_alpha: float) -> bool:
@@ -107,14 +109,16 @@ def make_plan(pairs: str, seeds: list[int], mixup_alpha: float, cutmix_alpha: fl
     lam = np.ones(n)
     box = np.zeros((n, 4), np.int64)
     h, w = size
+    example_seeds = np.array([example_seed(seeds[i]) for i in a.tolist()], np.int64)
     for i in range(n):
-        rng = np.random.default_rng([example_seed(seeds[a[i]]), 1])
+        rng = np.random.default_rng([int(example_seeds[i]), 1])
         if cutmix[i]:
             box[i] = _cutmix_box(rng, cutmix_alpha, h, w)
         else:
             lam[i] = rng.beta(mixup_alpha, mixup_alpha)
     return MixPlan(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(cutmix),
-                   torch.from_numpy(lam).float(), torch.from_numpy(box))
+                   torch.from_numpy(lam).float(), torch.from_numpy(box),
+                   torch.from_numpy(example_seeds))
 
 
 def _cutmix_box(rng: np.random.Generator, alpha: float, h: int, w: int) -> np.ndarray:

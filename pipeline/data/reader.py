@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.manifest import SplitInfo
-from pipeline.data.mixing import MixPlan, apply_plan, example_seed, quantize
+from pipeline.data.mixing import MixPlan, apply_plan, quantize
 from pipeline.data.mixing import make_plan as make_mix_plan
 from pipeline.data.shard_reader import DataError, PositionReader, fix_hint
 from pipeline.data.transforms import TrainAugment
@@ -271,8 +271,7 @@ class TrainStreams(IterableDataset):
             return {**out, "image": images, **plan.to_dict()}
         mixed, ratio = apply_plan(images, plan)
         quantized = quantize(mixed)
-        examples = [self.randaugment(quantized[i], example_seed(seeds[int(plan.a[i])]))
-                    for i in range(len(plan))]
+        examples = [self.randaugment(quantized[i], e) for i, e in enumerate(plan.seed.tolist())]
         return {**out, "image": torch.stack(examples), "label": out["label"][plan.a],
                 "label_b": out["label"][plan.b], "ratio": ratio}
 

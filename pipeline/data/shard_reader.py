@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipeline.data.manifest import SplitInfo
+from pipeline.data.manifest import SplitInfo, is_local
 
 
 class DataError(RuntimeError):
@@ -28,10 +28,6 @@ def open_shard(url: str, stream=None) -> Iterator[dict[str, Any]]:
     src = [dict(url=url, stream=stream)] if stream is not None else \
         wds.tariterators.url_opener([dict(url=url)])
     return wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(src))
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
 
 
 class HashingReader:
@@ -50,12 +46,9 @@ class HashingReader:
             pass
         return self.h.hexdigest()
 
-    def close(self) -> None:
-        self.f.close()
-
 
 def fix_hint(url: str) -> str:
-    folder = os.path.dirname(url) if _is_local(url) else "<shards>"
+    folder = os.path.dirname(url) if is_local(url) else "<shards>"
     return (f"check the shards with `python stages/shard.py --verify --out {folder}` and re-run "
             f"the shard stage for the damaged ones")
 
@@ -127,7 +120,7 @@ class PositionReader:
     def _open(self, shard: int, whole: bool = True) -> None:
         self._shard, self._broken, self._hash = shard, None, None
         url = self.urls[shard]
-        if not _is_local(url):
+        if not is_local(url):
             self._it = open_shard(url)
             return
         size, expected = os.path.getsize(url), self.sizes[shard]
@@ -160,4 +153,3 @@ class PositionReader:
         for _ in range(skip):                  # skip within the shard (reads, does not decode)
             self._sample()
             self._next += 1
-        self._next = p
