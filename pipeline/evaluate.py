@@ -53,7 +53,7 @@ def predict(model: nn.Module, split: SplitInfo, transform, *, batch: int, worker
     parts: list[dict[str, np.ndarray]] = []
     t_forward, t0 = 0.0, time.perf_counter()
     for b in loader:
-        x = normalize(b["image"].to(device, non_blocking=True), channels_last, mean, std)
+        x = normalize(b.images.to(device, non_blocking=True), channels_last, mean, std)
         _sync(device)
         t1 = time.perf_counter()
         with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
@@ -61,13 +61,13 @@ def predict(model: nn.Module, split: SplitInfo, transform, *, batch: int, worker
         _sync(device)
         t_forward += time.perf_counter() - t1
         logp = torch.log_softmax(logits.float(), dim=1)
-        y = b["label"].to(device)
+        y = b.labels.to(device)
         if int(y.max()) >= logp.shape[1] or int(y.min()) < 0:
             raise ValueError(f"split '{split.name}' has label {int(y.max())} but the model has "
                              f"{logp.shape[1]} classes: evaluate on the label set it was trained on")
         k = min(5, logp.shape[1])
         top = logp.topk(k, dim=1)
-        parts.append({"index": b["index"].numpy(), "label": b["label"].numpy(),
+        parts.append({"index": b.index.numpy(), "label": b.labels.numpy(),
                       "top5": top.indices.cpu().numpy(), "prob": top.values[:, 0].exp().cpu().numpy(),
                       "nll": (-logp.gather(1, y[:, None])[:, 0]).cpu().numpy()})
     elapsed = time.perf_counter() - t0

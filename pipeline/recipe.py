@@ -126,6 +126,8 @@ class AugmentSection:
                                           # in_batch: each image mixed with another of the batch
     randaugment_order: Literal["before_mix", "after_mix"]   # where RandAugment runs (DeepMind:
                                           # after mixing, on the mixed example)
+    randaugment_ops: Literal["deepmind", "timm"] = "deepmind"   # DeepMind's 16 operations and
+                                          # magnitudes, or timm's rand-m*-n* (CPU decode only)
     interpolation: Literal["bilinear", "bicubic"] = "bicubic"
 
     def check(self, where: str) -> None:
@@ -189,6 +191,10 @@ class TrainSection:
         if self.global_batch % self.micro_batch:
             raise RecipeError(f"'{where}.global_batch' ({self.global_batch}) must be a multiple of "
                               f"'{where}.micro_batch' ({self.micro_batch})")
+        aug = self.augment
+        if self.loader.decode == "device" and aug.randaugment_ops == "timm" and aug.randaugment_layers:
+            raise RecipeError(f"'{where}.augment.randaugment_ops: timm' runs on the CPU path only; "
+                              f"use '{where}.loader.decode: cpu', or randaugment_ops: deepmind")
 
     @property
     def freeze_bn_stats(self) -> bool:

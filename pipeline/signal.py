@@ -189,7 +189,7 @@ def image_batch(shards: str | Path, split: str, count: int, res: int, crop_pct: 
     ds = EvalShards(info, eval_transform(res, crop_pct, interpolation), rank=0, world=1,
                     workers=1, batch=n)
     batch = next(iter(ds))
-    return normalize(batch["image"]), batch["label"].tolist()
+    return normalize(batch.images), batch.labels.tolist()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,14 +18,20 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from pipeline.agc import AGC, split_parameters
-from pipeline.data.device_aug import DeviceAugment
-from pipeline.data.mixing import MixPlan, apply_plan, quantize
-from pipeline.data.prefetch import prepare
-from pipeline.data.transforms import mixed_cross_entropy, normalize
+from pipeline.data.batch import Batch
+from pipeline.data.transforms import normalize
 from pipeline.plan import Plan
 from pipeline.recipe import TrainSection
 
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]   # x, labels a, b, ratio
+
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, labels_b: torch.Tensor,
+                        ratio: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The loss of mixed examples: ratio x CE(label a) + (1 - ratio) x CE(label b), averaged
+    (DeepMind's; an unmixed example has ratio 1)."""
+    ce = torch.nn.functional.cross_entropy
+    la = ce(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    lb = ce(logits, labels_b, reduction="none", label_smoothing=label_smoothing)
+    return (ratio * la + (1 - ratio) * lb).mean()
 
 
 @dataclass
@@ -39,46 +45,23 @@ class StepRunner:
     agc: AGC | None
     section: TrainSection
     plan: Plan
-    batches: Iterator[dict]
+    batches: Iterator[Batch]
     keys_log: IO[str] | None = None
-    device_aug: DeviceAugment | None = None   # loader.decode: device
     skipped: int = 0                      # steps dropped by nan_policy: skip
 
-    def inputs(self, batch: dict) -> Inputs:
-        """Normalised examples of a micro-batch and their two labels and ratio. The examples
-        come from the loader mixed already (RandAugment after mixing, CPU path), or as images and
-        a mix plan (mixed here, in float; with `loader.decode: device` decoded and augmented here
-        first), or unmixed (ratio 1)."""
-        dev, s = self.acc.device, self.section
-        if "jpeg" in batch:                               # not prefetched: decode here
-            batch = prepare(batch, self.device_aug)
-        images = batch["image"].to(dev, non_blocking=True)
-        labels = batch["label"]
-        y = labels.to(dev, non_blocking=True)
-        if "ratio" in batch:                              # mixed in the loader worker
-            return (normalize(images, s.channels_last), y, batch["label_b"].to(dev, non_blocking=True),
-                    batch["ratio"].to(dev, non_blocking=True))
-        if "mix_a" not in batch:                          # no mixing
-            return normalize(images, s.channels_last), y, y, torch.ones(len(y), device=dev)
-        plan = MixPlan.from_dict(batch)
-        mixed, ratio = apply_plan(images, plan)
-        if self.device_aug is not None and self.device_aug.ra_after_mix:   # DeepMind's order
-            ops = [self.device_aug.example_ops(e) for e in plan.seed.tolist()]
-            mixed = self.device_aug.apply_ops(quantize(mixed), ops)
-        # the labels are indexed on the host (no device copy of the pair indices to wait for)
-        return (normalize(mixed, s.channels_last), labels[plan.a].to(dev, non_blocking=True),
-                labels[plan.b].to(dev, non_blocking=True), ratio)
-
-    def log_keys(self, step: int, micro: int, batch: dict) -> None:
+    def log_keys(self, step: int, micro: int, batch: Batch) -> None:
         if self.keys_log is not None:
-            self.keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch["key"]})
+            self.keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch.keys})
                                 + "\n")
 
-    def loss(self, inputs: Inputs) -> torch.Tensor:
-        x, ya, yb, ratio = inputs
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The mean loss of a micro-batch: its tensors to the device, the images normalised."""
+        b = batch.to(self.acc.device)
+        x = normalize(b.images, self.section.channels_last)
         with self.acc.autocast():
             logits = self.forward(x)
-        return mixed_cross_entropy(logits.float(), ya, yb, ratio, self.section.label_smoothing)
+        return mixed_cross_entropy(logits.float(), b.labels, b.labels_b, b.ratio,
+                                   self.section.label_smoothing)
 
     def reseed(self, step: int) -> None:
         # dropout / stochastic depth draw from the global RNG: reseed it from (seed, step, rank),
@@ -102,7 +85,7 @@ class StepRunner:
             if perturbation is None:
                 self.log_keys(step, micro, batch)
             with acc.accumulate(self.ddp_model):
-                loss = self.loss(self.inputs(batch))
+                loss = self.loss(batch)
                 acc.backward(loss)
                 if not s.sam_rho:
                     step_loss += loss.detach() / plan.accum_steps
@@ -122,7 +105,7 @@ class StepRunner:
                 self.optimizer.zero_grad(set_to_none=True)
         return step_loss
 
-    def _sam_ascent(self, batches: list[dict], step: int) -> torch.Tensor:
+    def _sam_ascent(self, batches: list[Batch], step: int) -> torch.Tensor:
         """SAM's first pass: this process's gradient at w, not reduced across processes
         (DDP's no_sync); the second pass's gradient is reduced once, as usual."""
         acc, plan = self.acc, self.plan
@@ -131,7 +114,7 @@ class StepRunner:
         with acc.no_sync(self.ddp_model):
             for micro, batch in enumerate(batches):
                 self.log_keys(step, micro, batch)
-                loss = self.loss(self.inputs(batch))
+                loss = self.loss(batch)
                 acc.backward(loss)
                 total += loss.detach() / plan.accum_steps
         return total

@@ -32,12 +32,15 @@ from pipeline import checkpoint as ckpt
 from pipeline import runtime
 from pipeline.agc import AGC
 from pipeline.batchnorm import prepare_batchnorm, train_mode
-from pipeline.data.device_aug import DeviceAugment
+from pipeline.data.batch import BadSample
+from pipeline.data.examples import ExampleRecipe
 from pipeline.data.manifest import SplitInfo, load_split, read_manifest, split_name
 from pipeline.data.prefetch import DevicePrefetcher
 from pipeline.data.reader import (
+    BadSampleLog,
     Cursor,
     TrainStreams,
+    Waited,
     advance,
     checked,
     make_loader,
@@ -45,7 +48,6 @@ from pipeline.data.reader import (
     rescale_cursor,
 )
 from pipeline.data.shard_reader import DataError
-from pipeline.data.transforms import train_augment
 from pipeline.evaluate import validate
 from pipeline.io import atomic_write_text
 from pipeline.plan import Plan, make_plan
@@ -56,6 +58,7 @@ from pipeline.step import StepRunner, build_optimizer, build_scheduler, ema_deca
 __all__ = ["DataError", "Job", "NonFiniteLoss", "Preempted", "TrainResult", "Trainer",
            "build_optimizer", "ema_decay", "run"]
 PREEMPTED = "PREEMPTED.json"      # written when a signal stopped the run; removed when it finishes
+DATA_WAIT_HINT = 0.25             # a log interval waiting longer for data than this gets a hint
 
 
 class NonFiniteLoss(RuntimeError):
@@ -92,11 +95,13 @@ class TrainResult:
     val: dict[str, dict[str, float]] = field(default_factory=dict)   # weights -> top1, nll
     compile_s: float | None = None   # wall time of the first step, which compiles (compile on)
     bad_samples: int = 0                # unreadable samples replaced (loader.bad_samples: skip)
+    data_wait_share: float = float("nan")   # the step's time spent waiting for data (after the
+                                            # first step, which starts the loader)
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in (
             "steps", "train_loss", "img_per_s", "train_time_s", "skipped_steps", "peak_mem_mb",
-            "bad_samples")}
+            "bad_samples", "data_wait_share")}
         if self.compile_s is not None:
             out["compile_s"] = self.compile_s
         for name, m in self.val.items():
@@ -120,6 +125,8 @@ def run(job: Job) -> TrainResult:
                 trainer.train()
             finally:
                 trainer.close_data()
+                for line in trainer.bad.summary():     # the replaced samples, per shard
+                    tqdm.write(line, file=sys.stdout)
     return trainer.finish()
 
 
@@ -134,8 +141,11 @@ class Trainer:
         self.last_loss, self.rate = float("nan"), 0.0
         self.compile_s: float | None = None
         self.saved_step = -1                    # the step of the newest checkpoint written
-        self.bad: list[dict] = []               # this process's replaced samples
         self.control = RunControl()             # replaced by run()'s, whose handlers are live
+        state = runtime.process_state()
+        where = f"rank {state.process_index}: " if state.num_processes > 1 else ""
+        self.bad = BadSampleLog(lambda line: tqdm.write(line, file=sys.stdout),
+                                f"[{job.stage}] {where}")   # this process's replaced samples
 
     # -- phase 1 ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -198,21 +208,20 @@ class Trainer:
         """The training streams from the cursor on, the validation split, the trackers."""
         job, s, plan, acc = self.job, self.section, self.plan, self.acc
         on_device = s.loader.decode == "device"
-        dataset = TrainStreams(self.split, train_augment(s.train_res, s.augment), seed=s.seed,
-                               block=s.loader.shuffle_block, cursor=self.cursor,
-                               rank=acc.process_index, world=acc.num_processes,
+        recipe = ExampleRecipe.of(s.train_res, s.augment)
+        dataset = TrainStreams(self.split, recipe, seed=s.seed, block=s.loader.shuffle_block,
+                               cursor=self.cursor, rank=acc.process_index, world=acc.num_processes,
                                workers=plan.loader_workers, sub_batch=plan.sub_batch,
                                on_device=on_device, strict=s.loader.bad_samples == "stop")
         loader = make_loader(dataset, plan.loader_workers, pin_memory=self.device.type == "cuda")
         batches = micro_batches(loader, max(1, plan.loader_workers))
-        device_aug = DeviceAugment(s.train_res, s.augment, self.device) if on_device else None
-        # decode: device: the next micro-batches are decoded and cropped ahead, off the step's
-        # critical path (a side CUDA stream in a thread; pipeline/data/prefetch.py)
-        self.prefetcher = DevicePrefetcher(batches, device_aug) if device_aug else None
-        batches = checked(self.prefetcher or batches, self.report_bad,
-                          lambda note: tqdm.write(f"[{job.stage}] warning: {note}", file=sys.stdout))
+        # decode: device: the next micro-batches' examples are made ahead on the device, off the
+        # step's critical path (a side CUDA stream in a thread; pipeline/data/prefetch.py)
+        self.prefetcher = DevicePrefetcher(batches, recipe, self.device) if on_device else None
+        self.waited = Waited(checked(self.prefetcher or batches, self.report_bad, lambda note:
+                                     tqdm.write(f"[{job.stage}] warning: {note}", file=sys.stdout)))
         self.runner = StepRunner(acc, self.ddp_model, self.forward, self.optimizer, self.agc, s,
-                                 plan, batches, keys_log, device_aug)
+                                 plan, self.waited, keys_log)
         has_val = split_name(read_manifest(job.shards)["splits"], "val") is not None
         self.val_split = load_split(job.shards, "val", job.shard_url) if has_val else None
         if acc.log_with:
@@ -240,7 +249,8 @@ class Trainer:
         self.loss_sum = torch.zeros(2, device=dev)     # (sum of finite step losses, their count)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)
         self.t_start = self.t_log = time.perf_counter()
-        self.steps_since = 0
+        self.steps_since, self.waited_at_log, self.hinted = 0, self.waited.seconds, False
+        self.first_step = (0.0, 0.0)           # (seconds, of which waiting for data)
         train_mode(self.ddp_model, s.freeze_bn_stats)
         runtime.reset_peak_memory(dev)
         control = self.control
@@ -263,8 +273,10 @@ class Trainer:
         t0 = time.perf_counter()
         self.scheduler.step_update(self.step)
         step_loss = self.runner.step(self.step)
-        if s.compile and self.step == self.start_step:
-            self.compile_s = time.perf_counter() - t0     # first step: compiles fwd + bwd
+        if self.step == self.start_step:          # the first step starts the loader (and compiles)
+            self.first_step = (time.perf_counter() - t0, self.waited.seconds)
+            if s.compile:
+                self.compile_s = self.first_step[0]
         self._account(step_loss)
         if self.ema is not None:
             self.ema.apply_update_(self.model, ema_decay(self.step, s.ema_decay))
@@ -279,16 +291,13 @@ class Trainer:
         if self.val_split is not None and s.eval_every and self.step % s.eval_every == 0:
             self.validate_point(bar)
 
-    def report_bad(self, record: dict) -> None:
-        """A sample the loader could not read and replaced: counted, and said once."""
-        self.bad.append(record)
+    def report_bad(self, record: BadSample) -> None:
+        """A sample the loader could not read and replaced: counted, said once per shard."""
         s = self.section.loader
-        where = f"rank {self.acc.process_index}: " if self.acc.num_processes > 1 else ""
-        policy = ("the run stops at the next step boundary" if s.bad_samples == "stop" else
-                  f"{len(self.bad)} on this process, the run stops beyond {s.max_bad_samples}")
-        tqdm.write(f"[{self.job.stage}] {where}unreadable sample {record['key']} in "
-                   f"{record['url']}: {record['reason']}; replaced by {record['replaced_by']} "
-                   f"(loader.bad_samples={s.bad_samples}: {policy})", file=sys.stdout)
+        policy = (f"loader.bad_samples={s.bad_samples}: " +
+                  ("the run stops at the next step boundary" if s.bad_samples == "stop" else
+                   f"the run stops beyond {s.max_bad_samples} on a process"))
+        self.bad.add(record, policy)
 
     def stop_if_bad_data(self, total: int) -> None:
         """Stop (every process at once) when unreadable samples exceed the recipe's policy."""
@@ -296,13 +305,13 @@ class Trainer:
         budget = 0 if s.bad_samples == "stop" else s.max_bad_samples
         if total <= budget:
             return
-        first = self.bad[0] if self.bad else None
-        what = (f"the first here: {first['key']} in {first['url']}: {first['reason']}" if first
+        first = self.bad.records[0] if self.bad.records else None
+        what = (f"the first here: {first.key} in {first.url}: {first.reason}" if first
                 else "see the other processes' lines above")
         fix = (f"re-shard the damaged shards, or set {stage}.loader.bad_samples=skip to train "
                f"around them" if s.bad_samples == "stop" else
                f"re-shard the damaged shards, or raise {stage}.loader.max_bad_samples")
-        url = first["url"] if first else ""
+        url = first.url if first else ""
         raise DataError(f"[{stage}] {total} training sample(s) could not be read "
                         f"(loader.bad_samples={s.bad_samples}, allowed {budget}); {what}. "
                         f"Check the shards: python stages/shard.py --verify --out "
@@ -343,13 +352,23 @@ class Trainer:
         self.rate = self.steps_since * self.plan.global_batch / (now - self.t_log)
         lr = self.optimizer.param_groups[0]["lr"]
         epoch = self.step / self.plan.steps_per_epoch
+        waited = self.waited.seconds - self.waited_at_log
+        share = waited / max(now - self.t_log, 1e-9)
         bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{self.rate:.0f}",
-                        epoch=f"{epoch:.2f}")
+                        data=f"{share:.0%}", epoch=f"{epoch:.2f}")
         if self.acc.log_with:
-            self.acc.log({"train/loss": self.last_loss, "train/lr": lr,
-                          "train/img_per_s": self.rate, "train/epoch": epoch}, step=self.step)
+            self.acc.log({"train/loss": self.last_loss, "train/lr": lr, "train/img_per_s": self.rate,
+                          "train/data_wait_share": share, "train/epoch": epoch}, step=self.step)
+        if share > DATA_WAIT_HINT and not self.hinted and self.step - self.start_step > self.steps_since:
+            self.hinted = True                  # not on the first interval: it starts the loader
+            loader, stage = self.section.loader, self.job.stage
+            bar.write(f"[{stage}] the step waited for data {share:.0%} of the time (steps "
+                      f"{self.step - self.steps_since + 1}-{self.step}): the loader is the "
+                      f"bottleneck; raise {stage}.loader.num_workers (now {loader.num_workers}), "
+                      f"or on GPUs set {stage}.loader.decode=device (CPU cores each variant needs: "
+                      f"benchmarks/RESULTS.md)")
         self.loss_sum.zero_()
-        self.t_log, self.steps_since = now, 0
+        self.t_log, self.steps_since, self.waited_at_log = now, 0, self.waited.seconds
 
     def stop_if_non_finite(self) -> None:
         """Stop (rank-wide) if any step's loss was NaN or infinite since the run started."""
@@ -417,10 +436,13 @@ class Trainer:
         acc.wait_for_everyone()
         bad = int(acc.reduce(torch.tensor(len(self.bad), device=self.device), "sum").item()
                   if acc.num_processes > 1 else len(self.bad))
+        first_s, first_wait = self.first_step
+        rest = self.train_time_s - first_s
+        share = (self.waited.seconds - first_wait) / rest if rest > 0 else float("nan")
         result = TrainResult(self.step, self.last_loss, self.rate, self.train_time_s,
                              self.runner.skipped, runtime.peak_memory_mb(self.device),
                              self.start_step, self.plan, compile_s=self.compile_s,
-                             bad_samples=bad)
+                             bad_samples=bad, data_wait_share=round(share, 4))
         if self.val_split is not None:
             models = {k: v for k, v in (("ema", ema), ("raw", self.model)) if v is not None}
             result.val = {k: {"top1": m["top1"], "nll": m["nll"]}

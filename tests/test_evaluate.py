@@ -140,10 +140,10 @@ def probe_model(demo_shards, tmp_path_factory):
     feats, ys = [], []
     with torch.no_grad():
         for b in make_loader(ds, 0):
-            x = (b["image"].float() / 255 - torch.tensor(settings.mean).view(1, 3, 1, 1)) \
+            x = (b.images.permute(0, 3, 1, 2).float() / 255 - torch.tensor(settings.mean).view(1, 3, 1, 1)) \
                 / torch.tensor(settings.std).view(1, 3, 1, 1)
             feats.append(model.forward_head(model.forward_features(x), pre_logits=True))
-            ys.append(b["label"])
+            ys.append(b.labels)
     clf = LogisticRegression(max_iter=3000).fit(torch.cat(feats).numpy(), torch.cat(ys).numpy())
     with torch.no_grad():
         model.head.fc.weight.copy_(torch.from_numpy(clf.coef_))

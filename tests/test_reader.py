@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT
+from pipeline.data.batch import Batch
+from pipeline.data.examples import ExampleRecipe
 from pipeline.data.manifest import load_split
 from pipeline.data.reader import (
     Cursor,
@@ -21,12 +23,12 @@ from pipeline.data.reader import (
     rescale_cursor,
     shard_order,
 )
-from pipeline.data.transforms import eval_transform, train_augment
+from pipeline.data.transforms import eval_transform
 from pipeline.recipe import load_recipe
 
 ROOT_RECIPE = ROOT / "recipes" / "demo.yaml"
 TRANSFORM = eval_transform(16, 1.0, "bilinear")
-AUGMENT = train_augment(16, load_recipe(ROOT_RECIPE).pretrain.augment)    # one image per example
+AUGMENT = ExampleRecipe.of(16, load_recipe(ROOT_RECIPE).pretrain.augment)   # one image per example
 
 
 def streams(split, cursor, rank, world, workers, sub_batch, seed=0, block=50):
@@ -40,10 +42,7 @@ def rank_batches(split, cursor, rank, world, workers, sub_batch, steps, **kw):
     its = [ds.iter_worker(k) for k in range(workers)]
     out = []
     for _ in range(steps):
-        parts = [next(it) for it in its]
-        out.append({"key": [k for p in parts for k in p["key"]],
-                    "index": torch.cat([p["index"] for p in parts]),
-                    "image": torch.cat([p["image"] for p in parts])})
+        out.append(Batch.concat([next(it) for it in its]))
     return out
 
 
@@ -52,7 +51,7 @@ def global_batches(split, cursor, world, workers, micro_batch, steps, **kw):
     cursor = Cursor(cursor.epoch, cursor.offset, layout.num_streams, cursor.segments)
     per_rank = [rank_batches(split, cursor, r, world, workers, layout.sub_batch, steps, **kw)
                 for r in range(world)]
-    return [[k for r in range(world) for k in per_rank[r][s]["key"]] for s in range(steps)]
+    return [[k for r in range(world) for k in per_rank[r][s].keys] for s in range(steps)]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +81,8 @@ def test_one_epoch_reads_every_sample_once(split):
 def test_ranks_get_equal_batches_and_different_samples(split):
     per_rank = [rank_batches(split, Cursor(0, 0, 4), r, 2, 2, 4, steps=10) for r in range(2)]
     assert [len(b) for b in per_rank] == [10, 10]
-    assert all(len(b["key"]) == 8 for rb in per_rank for b in rb)
-    assert not ({k for b in per_rank[0] for k in b["key"]} & {k for b in per_rank[1] for k in b["key"]})
+    assert all(len(b.keys) == 8 == len(b) for rb in per_rank for b in rb)
+    assert not ({k for b in per_rank[0] for k in b.keys} & {k for b in per_rank[1] for k in b.keys})
 
 
 def test_global_batches_do_not_depend_on_how_streams_map_to_processes(split):
@@ -93,7 +92,7 @@ def test_global_batches_do_not_depend_on_how_streams_map_to_processes(split):
 
 
 def test_images_are_augmented_identically_wherever_they_are_read(split):
-    aug = train_augment(24, load_recipe(ROOT_RECIPE).pretrain.augment)
+    aug = ExampleRecipe.of(24, load_recipe(ROOT_RECIPE).pretrain.augment)
     kw = dict(seed=3, block=50)
 
     def images(world, workers, micro):
@@ -104,7 +103,7 @@ def test_images_are_augmented_identically_wherever_they_are_read(split):
                               rank=r, world=world, workers=workers, sub_batch=layout.sub_batch, **kw)
             for k in range(workers):
                 b = next(ds.iter_worker(k))
-                out.update({key: img for key, img in zip(b["key"], b["image"])})
+                out.update({key: img for key, img in zip(b.keys, b.images)})
         return out
 
     a, b = images(1, 2, 8), images(2, 1, 4)
@@ -161,8 +160,8 @@ def test_real_dataloader_workers_give_the_emulated_sequence(split):
     layout = StreamLayout.plan(8, 1, 2)
     ds = streams(split, Cursor(0, 0, layout.num_streams), 0, 1, 2, layout.sub_batch)
     loader = make_loader(ds, 2)
-    real = [b["key"] for b in itertools.islice(micro_batches(loader, 2), 12)]
-    emulated = [b["key"] for b in rank_batches(split, Cursor(0, 0, 2), 0, 1, 2, 4, steps=12)]
+    real = [b.keys for b in itertools.islice(micro_batches(loader, 2), 12)]
+    emulated = [b.keys for b in rank_batches(split, Cursor(0, 0, 2), 0, 1, 2, 4, steps=12)]
     assert real == emulated
 
 
@@ -170,8 +169,8 @@ def test_batches_mix_classes_and_follow_the_block_permutation(split):
     from pipeline.data.shard_reader import PositionReader
     ds = streams(split, Cursor(0, 0, 1), 0, 1, 1, 32)               # one stream, block 50
     first = next(ds.iter_worker(0))
-    assert len(set(first["label"].tolist())) >= 4                  # 5 classes, shuffled
+    assert len(set(first.labels.tolist())) >= 4                    # 5 classes, shuffled
     in_shard_order = [r["__key__"] for r in
                       PositionReader(split, shard_order(len(split.urls), 0, 0)).read(0, 50)]
-    assert set(first["key"]) <= set(in_shard_order)                # drawn from the first block
-    assert first["key"] != in_shard_order[:32]                      # ... in a permuted order
+    assert set(first.keys) <= set(in_shard_order)                  # drawn from the first block
+    assert first.keys != in_shard_order[:32]                        # ... in a permuted order

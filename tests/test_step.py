@@ -6,12 +6,24 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, stage_main
 from pipeline.recipe import load_recipe
-from pipeline.step import build_optimizer, ema_decay
+from pipeline.step import build_optimizer, ema_decay, mixed_cross_entropy
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 TINY = ["pretrain.train_res=32", "pretrain.test_res=32", "pretrain.epochs=2", "pretrain.eval_every=0",
         "pretrain.loader.num_workers=0"]
+
+
+def test_mixed_loss_weights_both_labels():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    a, b = torch.tensor([0, 1]), torch.tensor([1, 0])
+    full = mixed_cross_entropy(logits, a, b, torch.ones(2), 0.0)
+    half = mixed_cross_entropy(logits, a, b, torch.full((2,), 0.5), 0.0)
+    ce = torch.nn.functional.cross_entropy
+    assert full.item() == pytest.approx(ce(logits, a).item())
+    assert half.item() == pytest.approx(0.5 * (ce(logits, a) + ce(logits, b)).item())
+    smoothed = mixed_cross_entropy(logits, a, a, torch.full((2,), 0.3), 0.1)
+    assert smoothed.item() == pytest.approx(ce(logits, a, label_smoothing=0.1).item())
 
 
 def test_ema_decay_warms_up_like_deepmind():

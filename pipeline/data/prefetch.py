@@ -1,13 +1,11 @@
-"""The device data path off the step's critical path: decode, crop, flip (and RandAugment when it
-runs before mixing) of the next micro-batches while the current step runs (`loader.decode:
-device`).
+"""The device data path off the step's critical path: the next micro-batches' examples are made
+on the device (decode, crop, flip, mix, RandAugment: pipeline/data/examples.py, `build_device`)
+while the current step runs (`loader.decode: device`).
 
-`DevicePrefetcher(batches, device_aug)` takes the iterator of raw micro-batches the step would
-read (JPEG bytes, per-sample seeds, a mix plan; reader.micro_batches) and yields the same batches
-in the same order, each with `image`: the augmented uint8 (B, 3, S, S) images on the device, in
-place of the JPEG bytes (`jpeg`, `offsets`). Everything else (labels, keys, seeds, the mix plan)
-passes through untouched; mixing, and RandAugment after mixing (DeepMind's order), stay in the
-step (pipeline/step.py), so the prefetcher never runs RandAugment on images that are mixed later.
+`DevicePrefetcher(items, recipe, device)` takes the iterator of encoded micro-batches the loader
+yields (JPEG bytes and every random draw: `batch.Encoded`; reader.micro_batches) and yields the
+`Batch` of each, in the same order, its images on the device. A `LoaderFailure` passes through
+(the training process raises it).
 
 How (CUDA): a background thread pulls raw batches and prepares them on its own CUDA stream,
 `lookahead` micro-batches ahead (default 2); the first raw batch is read in the constructor, so
@@ -39,22 +37,18 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.data.device_aug import DeviceAugment
+from pipeline.data.batch import Batch, Encoded, LoaderFailure
+from pipeline.data.examples import ExampleRecipe, build_device
 
 _END = object()
 
 
-def prepare(batch: dict, device_aug: DeviceAugment) -> dict:
-    """One raw micro-batch -> the same batch with `image` (augmented, on the device) in place of
-    the JPEG bytes. RandAugment runs here unless the batch is mixed later and RA follows mixing.
-    A batch without JPEG bytes (the loader's {"error": ...}) passes through as it is."""
-    if "jpeg" not in batch:
-        return batch
-    mixed_later = "mix_a" in batch and device_aug.ra_after_mix
-    out = {k: v for k, v in batch.items() if k not in ("jpeg", "offsets")}
-    out["image"] = device_aug(batch["jpeg"], batch["offsets"], batch["seed"],
-                              randaugment=not mixed_later)
-    return out
+def prepare(item: Encoded | LoaderFailure, recipe: ExampleRecipe, device: torch.device
+            ) -> Batch | LoaderFailure:
+    """One encoded micro-batch -> its Batch, made on `device`; a LoaderFailure as it is."""
+    if isinstance(item, LoaderFailure):
+        return item
+    return build_device(recipe, item, device)
 
 
 class DevicePrefetcher:
@@ -62,10 +56,10 @@ class DevicePrefetcher:
     prepared ahead by a background thread (0: prepared in `__next__`; default 2 on CUDA, 0 else).
     `close()` (or the end of a `with` block, or garbage collection) stops the thread."""
 
-    def __init__(self, batches: Iterator[dict], device_aug: DeviceAugment,
-                 lookahead: int | None = None):
-        self.batches, self.device_aug = batches, device_aug
-        self.device = device_aug.device
+    def __init__(self, batches: Iterator[Encoded | LoaderFailure], recipe: ExampleRecipe,
+                 device: torch.device, lookahead: int | None = None):
+        self.batches, self.recipe = batches, recipe
+        self.device = torch.device(device)
         self.lookahead = (2 if self.device.type == "cuda" else 0) if lookahead is None else lookahead
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -78,18 +72,18 @@ class DevicePrefetcher:
             self._stop = threading.Event()
             # the thread holds no reference to self: dropping the prefetcher stops it (__del__)
             self._thread = threading.Thread(
-                target=_work, args=(source, device_aug, self._queue, self._stop),
+                target=_work, args=(source, recipe, self.device, self._queue, self._stop),
                 name="device-prefetch", daemon=True)
             self._thread.start()
 
     def __iter__(self) -> DevicePrefetcher:
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch | LoaderFailure:
         if self._closed:
             raise StopIteration
         if self._thread is None:
-            return prepare(next(self.batches), self.device_aug)
+            return prepare(next(self.batches), self.recipe, self.device)
         item = self._queue.get()
         if item is _END:
             self._queue.put(_END)                        # every later call ends too
@@ -101,7 +95,7 @@ class DevicePrefetcher:
         if event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(event)                     # the GPU waits for the side stream
-            batch["image"].record_stream(stream)         # memory stays ours until the step is done
+            batch.images.record_stream(stream)           # memory stays ours until the step is done
         return batch
 
     def close(self) -> None:
@@ -133,15 +127,15 @@ class DevicePrefetcher:
         self.close()
 
 
-def _work(batches: Iterator[dict], device_aug: DeviceAugment, out: queue.Queue,
-          stop: threading.Event) -> None:
+def _work(batches: Iterator[Encoded | LoaderFailure], recipe: ExampleRecipe,
+          device: torch.device, out: queue.Queue, stop: threading.Event) -> None:
     """The prefetch thread: prepare batches on a side stream, queue (batch, its event)."""
     try:
-        with _side_stream(device_aug.device) as stream, torch.no_grad():
+        with _side_stream(device) as stream, torch.no_grad():
             for raw in batches:
-                batch = prepare(raw, device_aug)
+                batch = prepare(raw, recipe, device)
                 event = None
-                if stream is not None:
+                if stream is not None and isinstance(batch, Batch):
                     event = torch.cuda.Event()
                     event.record(stream)
                 if not _put(out, (batch, event), stop):

@@ -27,22 +27,22 @@ transformed identically whichever worker reads it, before or after a resume.
 """
 from __future__ import annotations
 
-import io
-import random
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data import examples
+from pipeline.data.batch import BadSample, Batch, Encoded, LoaderFailure, pack_jpegs
+from pipeline.data.examples import ExampleRecipe, SampleInfo
 from pipeline.data.manifest import SplitInfo
-from pipeline.data.mixing import MixPlan, apply_plan, quantize
-from pipeline.data.mixing import make_plan as make_mix_plan
 from pipeline.data.shard_reader import DataError, PositionReader, fix_hint
-from pipeline.data.transforms import TrainAugment
 from pipeline.preemption import ignore_stop_signals
 
 # ------------------------------------------------------------------------------------------------
@@ -57,9 +57,18 @@ def block_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarra
     return np.random.default_rng([seed, epoch, block, 0xB10C]).permutation(size)
 
 
+_MASK = (1 << 64) - 1
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Per-sample augmentation seed: independent of which worker or rank reads the sample."""
-    return int(np.random.default_rng([seed, epoch, index, 0xA06]).integers(2**31))
+    """Per-sample augmentation seed (31 bits): independent of which worker or rank reads the
+    sample. SplitMix64's mixing of the three numbers: 1 us, where a numpy SeedSequence took 24
+    (0.8% of a CPU loader's time at two images per example)."""
+    x = (seed * 0x9E3779B97F4A7C15 + (epoch + 1) * 0xD1B54A32D192ED03
+         + (index + 1) * 0xAF251AF3B0F025B5) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return (x ^ (x >> 31)) >> 33
 
 
 def iter_order(split: SplitInfo, seed: int, epoch: int, block: int,
@@ -164,14 +173,16 @@ def advance(cursor: Cursor, num_samples: int, samples: int) -> Cursor:
 
 
 def stream_samples(split: SplitInfo, seed: int, block: int, stream: int,
-                   cursor: Cursor, strict: bool = True) -> Iterator[tuple[int, int, dict]]:
-    """Endless (epoch, order index, raw sample) of one stream from the cursor on."""
+                   cursor: Cursor, strict: bool = True) -> Iterator[tuple[int, int, int, dict]]:
+    """Endless (epoch, order index, position in the stream's share of the epoch, raw sample) of
+    one stream from the cursor on."""
     epoch, offset, segments = cursor.epoch, cursor.offset, cursor.segments
     while True:
         segs = segments[stream] if segments is not None else stream_segments(
             split.num_samples, cursor.num_streams, stream)
-        for idx, raw in iter_order(split, seed, epoch, block, _drop_prefix(segs, offset), strict):
-            yield epoch, idx, raw
+        order = iter_order(split, seed, epoch, block, _drop_prefix(segs, offset), strict)
+        for position, (idx, raw) in enumerate(order, start=offset):
+            yield epoch, idx, position, raw
         epoch, offset, segments = epoch + 1, 0, None
 
 
@@ -179,42 +190,33 @@ def stream_samples(split: SplitInfo, seed: int, block: int, stream: int,
 # Datasets for the DataLoader
 # ------------------------------------------------------------------------------------------------
 
-def decode_sample(raw: dict) -> tuple[Image.Image, int]:
-    key = raw.get("__key__", "?")
-    try:
-        img = Image.open(io.BytesIO(raw["jpg"]))
-        img = img.convert("RGB")
-        label = int(raw["cls"])
-    except Exception as e:
-        raise DataError(f"sample {key} in {raw.get('__url__', '?')} cannot be decoded ({e}); "
-                        f"{fix_hint(raw.get('__url__', ''))}") from e
-    return img, label
-
-
-def _to_batch(images: list, labels: list, keys: list, index: list) -> dict:
-    return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
-            "key": keys, "index": torch.tensor(index, dtype=torch.long)}
+class StreamSample(NamedTuple):
+    """A raw sample as a stream reads it."""
+    stream: int
+    epoch: int
+    index: int              # its place in the epoch's order
+    position: int           # its place in the stream's share of the epoch
+    raw: dict
 
 
 class TrainStreams(IterableDataset):
     """One rank's share of the streams; worker k yields its share of every micro-batch.
 
-    Each fetch reads `sub_batch` x `images_per_example` samples from each of the worker's streams
+    Each fetch reads `sub_batch` x images-per-example samples from each of the worker's streams
     (2 per example with DeepMind's disjoint pairs) and makes `sub_batch` examples per stream from
-    them (pipeline/data/mixing.py: the mix plan of the chunk). On the CPU path the images are
-    decoded and augmented here; with RandAugment after mixing, the examples are mixed and
-    augmented here too. With `on_device` the JPEG bytes are passed on undecoded (with each
-    sample's seed and the plan) for `device_aug.DeviceAugment` to do the same on the GPU.
+    them (pipeline/data/examples.py): a `Batch` on the CPU path; with `on_device` an `Encoded`
+    (the JPEG bytes and every draw) for the device to make the same examples from.
     """
 
-    def __init__(self, split: SplitInfo, augment: TrainAugment, *, seed: int, block: int,
+    def __init__(self, split: SplitInfo, recipe: ExampleRecipe, *, seed: int, block: int,
                  cursor: Cursor, rank: int, world: int, workers: int, sub_batch: int,
                  on_device: bool = False, strict: bool = True):
-        self.split, self.augment, self.on_device, self.strict = split, augment, on_device, strict
+        self.split, self.recipe, self.on_device, self.strict = split, recipe, on_device, strict
         self.seed, self.block, self.cursor = seed, block, cursor
         self.rank, self.world, self.workers, self.sub_batch = rank, world, max(1, workers), sub_batch
         per_rank = cursor.num_streams // world
         self.per_worker = per_rank // self.workers
+        self.per_stream = sub_batch * recipe.images_per_example     # samples per stream per fetch
 
     def streams_of_worker(self, worker: int) -> list[int]:
         first = self.rank * self.per_worker * self.workers + worker * self.per_worker
@@ -224,83 +226,80 @@ class TrainStreams(IterableDataset):
         info = get_worker_info()
         return self.iter_worker(info.id if info is not None else 0)
 
-    def iter_worker(self, worker: int) -> Iterator[dict]:
+    def iter_worker(self, worker: int) -> Iterator[Batch | Encoded | LoaderFailure]:
         """The endless fetches of one dataloader worker of this rank. A DataError (a shard that
-        changed since sharding) ends them with one {"error": message} fetch: the training
-        process raises it, with one clear line instead of a worker traceback."""
-        its = [stream_samples(self.split, self.seed, self.block, s, self.cursor, self.strict)
+        changed since sharding) ends them with one LoaderFailure: the training process raises
+        it, with one clear line instead of a worker traceback."""
+        its = [(s, stream_samples(self.split, self.seed, self.block, s, self.cursor, self.strict))
                for s in self.streams_of_worker(worker)]
-        per_stream = self.sub_batch * self.augment.images_per_example
         try:
             while True:
-                yield self.make_fetch([next(it) for it in its for _ in range(per_stream)])
+                yield self.make_fetch([StreamSample(s, *next(it)) for s, it in its
+                                       for _ in range(self.per_stream)])
         except DataError as e:
-            yield {"error": str(e)}
+            yield LoaderFailure(str(e))
 
-    def make_fetch(self, samples: list[tuple[int, int, dict]]) -> dict:
-        """One fetch from (epoch, order index, raw sample) triples, in stream order. A sample that
-        cannot be read or decoded is replaced by a readable one of the same fetch (the one
-        before it, else after it: deterministic, so batches stay equal and resume exact) and
-        reported under "bad"."""
-        aug = self.augment
-        seeds = [sample_seed(self.seed, epoch, idx) for epoch, idx, _ in samples]
-        raws = [raw for _, _, raw in samples]
-        decoded = None if self.on_device else [self._decode(raw) for raw in raws]
-        problems = [raw.get("__error__") or (_jpeg_problem(raw) if self.on_device else
-                                             decoded[i][1]) for i, raw in enumerate(raws)]
+    def make_fetch(self, samples: list[StreamSample]) -> Batch | Encoded:
+        """One fetch from its samples, in stream order. A sample that cannot be read or decoded
+        is replaced by a readable one of the same fetch (the one before it, else after it:
+        deterministic, so batches stay equal and resume exact) and reported in `bad`."""
+        raws = [s.raw for s in samples]
+        seeds = [sample_seed(self.seed, s.epoch, s.index) for s in samples]
+        opened = [_open(raw, self.on_device) for raw in raws]
+        problems = [problem for _, _, problem in opened]
+        made: list = [None] * len(raws)        # per image: (its draw, its pixels on the CPU path)
+        for i, (img, _, problem) in enumerate(opened):
+            if problem:
+                continue
+            height, width = img if self.on_device else (img.height, img.width)
+            d = examples.draw_image(self.recipe, seeds[i], height, width)
+            try:
+                made[i] = (d, None if self.on_device else examples.image_cpu(self.recipe, img, d))
+            except Exception as e:               # a file whose header reads but pixels do not
+                problems[i] = _reason(e)
         source = _replacements(problems)
-        out: dict = {"key": [raw["__key__"] for raw in raws],
-                     "index": torch.tensor([e * self.split.num_samples + i for e, i, _ in samples]),
-                     "label": torch.tensor([_label(raws[j]) for j in source]),
-                     "bad": [{"key": raws[i]["__key__"], "url": raws[i].get("__url__", "?"),
-                              "reason": p, "replaced_by": raws[source[i]]["__key__"]}
-                             for i, p in enumerate(problems) if p],
-                     "notes": [raw["__note__"] for raw in raws if "__note__" in raw]}
-        seeds = [seeds[j] for j in source]
-        plan = (make_mix_plan(aug.pairs, seeds, aug.mixup_alpha, aug.cutmix_alpha,
-                              (aug.res, aug.res)) if aug.mixing else None)
+        labels = torch.tensor([opened[j][1] for j in source])
+        infos = [SampleInfo(seeds[j], s.stream, s.position) for s, j in zip(samples, source)]
+        draws = examples.draw(self.recipe, infos, [made[j][0] for j in source], self.per_stream)
+        a, b = zip(*draws.pairs)
+        batch = Batch(torch.empty(0, dtype=torch.uint8), labels[list(a)], labels[list(b)],
+                      draws.ratio(), [raw["__key__"] for raw in raws],
+                      torch.tensor([s.epoch * self.split.num_samples + s.index for s in samples]),
+                      [BadSample(raws[i]["__key__"], raws[i].get("__url__", "?"), p,
+                                 raws[source[i]]["__key__"]) for i, p in enumerate(problems) if p],
+                      [raw["__note__"] for raw in raws if "__note__" in raw])
         if self.on_device:
-            out["jpeg"], out["offsets"] = pack_jpegs([raws[j]["jpg"] for j in source])
-            out["seed"] = seeds
-            return {**out, **(plan.to_dict() if plan is not None else {})}
-        images = torch.stack([self.image(decoded[j][0], seeds[i], with_ra=not aug.ra_after_mix)
-                              for i, j in enumerate(source)])
-        if plan is None:
-            return {**out, "image": images}
-        if not aug.ra_after_mix:                      # mixed on the device, in float
-            return {**out, "image": images, **plan.to_dict()}
-        mixed, ratio = apply_plan(images, plan)
-        quantized = quantize(mixed)
-        examples = [self.randaugment(quantized[i], e) for i, e in enumerate(plan.seed.tolist())]
-        return {**out, "image": torch.stack(examples), "label": out["label"][plan.a],
-                "label_b": out["label"][plan.b], "ratio": ratio}
+            return Encoded(*pack_jpegs([raws[j]["jpg"] for j in source]), draws, batch)
+        batch.images = examples.build_cpu(self.recipe, [made[j][1] for j in source], draws)
+        return batch
 
-    @staticmethod
-    def _decode(raw: dict) -> tuple[Image.Image | None, str | None]:
-        if raw.get("__error__"):
-            return None, raw["__error__"]
-        try:
-            return decode_sample(raw)[0], None
-        except DataError as e:
-            cause = e.__cause__ or e
-            reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(cause))
-            return None, f"cannot be decoded ({type(cause).__name__}: {reason})"
 
-    def image(self, img: Image.Image, seed: int, with_ra: bool) -> torch.Tensor:
-        """Crop, flip (and RandAugment) of one decoded image, seeded by the sample: the same
-        whichever worker or process reads it. timm's transforms draw from random, torch, numpy."""
-        aug = self.augment
-        _seed_all(seed)
-        img = aug.crop_flip(img)
-        if with_ra and aug.randaugment is not None:
-            img = aug.randaugment(img)
-        return aug.to_tensor(img)
+def _open(raw: dict, header_only: bool
+          ) -> tuple[Image.Image | tuple[int, int] | None, int, str | None]:
+    """(the opened image (header read, pixels not decoded), or with `header_only` (the device
+    path decodes) its (height, width) once the file is checked to be a complete JPEG (FFD8 ...
+    FFD9); the label; the problem, or None)."""
+    if raw.get("__error__"):
+        return None, -1, raw["__error__"]
+    try:
+        label = int(raw["cls"])
+    except Exception as e:
+        return None, -1, f"no readable label ({e})"
+    data = raw.get("jpg")
+    if not data:
+        return None, -1, "no jpg member"
+    if header_only and (data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9"):
+        return None, -1, "not a complete JPEG (truncated or damaged bytes)"
+    try:
+        img = examples.open_image(data)
+    except Exception as e:
+        return None, -1, _reason(e)
+    return ((img.height, img.width) if header_only else img), label, None
 
-    def randaugment(self, image: torch.Tensor, seed: int) -> torch.Tensor:
-        """RandAugment of one mixed example (uint8 CHW), drawn from the example's seed."""
-        _seed_all(seed)
-        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-        return self.augment.to_tensor(self.augment.randaugment(pil))
+
+def _reason(e: Exception) -> str:
+    reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+    return f"cannot be decoded ({type(e).__name__}: {reason})"
 
 
 def _replacements(problems: list[str | None]) -> list[int]:
@@ -320,48 +319,22 @@ def _replacements(problems: list[str | None]) -> list[int]:
     return out
 
 
-def _jpeg_problem(raw: dict) -> str | None:
-    """A cheap check for the device path (the GPU decodes): a JPEG starts with FFD8 and a
-    complete one ends with FFD9; a missing image or label is a problem too."""
-    data = raw.get("jpg")
-    if not data:
-        return "no jpg member"
-    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        return "not a complete JPEG (truncated or damaged bytes)"
-    try:
-        int(raw["cls"])
-    except Exception as e:
-        return f"no readable label ({e})"
-    return None
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
-def pack_jpegs(raws: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Many JPEGs as one uint8 tensor + offsets: one shared-memory transfer per batch."""
-    sizes = [len(r) for r in raws]
-    offsets = torch.zeros(len(raws) + 1, dtype=torch.long)
-    offsets[1:] = torch.tensor(sizes, dtype=torch.long).cumsum(0)
-    buf = torch.frombuffer(bytearray(b"".join(raws)), dtype=torch.uint8) if raws else \
-        torch.empty(0, dtype=torch.uint8)
-    return buf, offsets
-
-
-def _label(raw: dict) -> int:
-    try:
-        return int(raw["cls"])
-    except Exception as e:
-        raise DataError(f"sample {raw.get('__key__', '?')} in {raw.get('__url__', '?')} has no "
-                        f"readable label ({e}); {fix_hint(raw.get('__url__', ''))}") from e
+def decode_sample(raw: dict) -> tuple[Image.Image, int]:
+    """An evaluation sample: its decoded RGB image and label; DataError names it otherwise."""
+    image, label, problem = _open(raw, header_only=False)
+    if not problem:
+        try:
+            return examples.decode(image), label
+        except Exception as e:
+            problem = _reason(e)
+    url = raw.get("__url__", "?")
+    raise DataError(f"sample {raw.get('__key__', '?')} in {url} {problem}; {fix_hint(url)}")
 
 
 class EvalShards(IterableDataset):
     """Every sample of a split exactly once: contiguous position ranges per rank and worker, in
-    shard order, the last batch of each worker possibly short. No padding, no duplicates."""
+    shard order, the last batch of each worker possibly short. No padding, no duplicates.
+    `transform`: PIL image -> uint8 (3, S, S) (transforms.eval_transform)."""
 
     def __init__(self, split: SplitInfo, transform: Callable, *, rank: int, world: int,
                  workers: int, batch: int):
@@ -373,15 +346,16 @@ class EvalShards(IterableDataset):
         part = self.rank * self.workers + worker
         return part * n // parts, (part + 1) * n // parts
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         lo, hi = self.positions(info.id if info is not None else 0)
         reader = PositionReader(self.split, np.arange(len(self.split.urls)))
         for a in range(lo, hi, self.batch):
             raws = reader.read(a, min(a + self.batch, hi))
             images, labels = zip(*(decode_sample(r) for r in raws))
-            yield _to_batch([self.transform(i) for i in images], list(labels),
-                            [r["__key__"] for r in raws], list(range(a, a + len(raws))))
+            chw = torch.stack([torch.as_tensor(self.transform(i)) for i in images])
+            yield Batch.unmixed(chw.permute(0, 2, 3, 1).contiguous(), torch.tensor(labels),
+                                [r["__key__"] for r in raws], torch.arange(a, a + len(raws)))
 
 
 def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool = False) -> DataLoader:
@@ -392,50 +366,84 @@ def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool = False
                       worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
-def checked(batches: Iterator[dict], on_bad: Callable[[dict], None],
-            on_note: Callable[[str], None] = print) -> Iterator[dict]:
-    """The micro-batches, with the loader's findings handled in the training process: an "error"
-    raises DataError (one line, no worker traceback); each replaced sample goes to `on_bad`,
-    each note (a shard that differs from the manifest, loader.bad_samples: skip) to `on_note`."""
+def checked(batches: Iterator[Batch | LoaderFailure], on_bad: Callable[[BadSample], None],
+            on_note: Callable[[str], None] = print) -> Iterator[Batch]:
+    """The micro-batches, with the loader's findings handled in the training process: a
+    LoaderFailure raises DataError (one line, no worker traceback); each replaced sample goes to
+    `on_bad`, each note (a shard that differs from the manifest, loader.bad_samples: skip) to
+    `on_note`."""
     for batch in batches:
-        if "error" in batch:
-            raise DataError(batch["error"])
-        for record in batch.get("bad", ()):
+        if isinstance(batch, LoaderFailure):
+            raise DataError(batch.message)
+        for record in batch.bad:
             on_bad(record)
-        for note in batch.get("notes", ()):
+        for note in batch.notes:
             on_note(note)
         yield batch
 
 
-def micro_batches(loader: DataLoader, fetches: int) -> Iterator[dict]:
+class BadSampleLog:
+    """The samples this process's loader replaced (`loader.bad_samples: skip`), said per shard:
+    one line when a shard's first one arrives (its key and why), and at the end one line per
+    shard with its count and a total (`summary`), not a line per sample."""
+
+    def __init__(self, say: Callable[[str], None], prefix: str):
+        self.say, self.prefix = say, prefix
+        self.records: list[BadSample] = []
+        self.per_shard: dict[str, list[BadSample]] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add(self, record: BadSample, policy: str) -> None:
+        self.records.append(record)
+        seen = self.per_shard.setdefault(record.url, [])
+        seen.append(record)
+        if len(seen) == 1:
+            self.say(f"{self.prefix}shard {record.url}: unreadable sample {record.key}: "
+                     f"{record.reason}; replaced by {record.replaced_by} ({policy}; the shard's "
+                     f"count follows at the end)")
+
+    def summary(self) -> list[str]:
+        """One line per shard and a total; nothing when every sample was read."""
+        if not self.records:
+            return []
+        lines = [f"{self.prefix}shard {url}: {len(recs)} sample(s) replaced, the first "
+                 f"{recs[0].key}: {recs[0].reason}" for url, recs in self.per_shard.items()]
+        return lines + [f"{self.prefix}{len(self.records)} unreadable sample(s) replaced in "
+                        f"{len(self.per_shard)} shard(s)"]
+
+
+class Waited:
+    """An iterator of batches that keeps the seconds its consumer spent waiting for them: the
+    training step's time blocked on data (`data_wait_share` in metrics.json)."""
+
+    def __init__(self, batches: Iterator[Batch]):
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self) -> Waited:
+        return self
+
+    def __next__(self) -> Batch:
+        t = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def close(self) -> None:
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()
+
+
+def micro_batches(loader: DataLoader, fetches: int) -> Iterator[Batch | Encoded | LoaderFailure]:
     """Concatenate `fetches` consecutive loader batches (one per worker) into a micro-batch."""
     it = iter(loader)
     while True:
         parts = [next(it) for _ in range(fetches)]
-        yield parts[0] if fetches == 1 else concat_batches(parts)
-
-
-def concat_batches(parts: list[dict]) -> dict:
-    """One micro-batch from the fetches of the rank's workers (in worker order)."""
-    errors = [p["error"] for p in parts if "error" in p]
-    if errors:
-        return {"error": errors[0]}
-    out: dict = {"key": [k for p in parts for k in p["key"]],
-                 "bad": [b for p in parts for b in p.get("bad", [])],
-                 "notes": [n for p in parts for n in p.get("notes", [])]}
-    for k in ("label", "index", "label_b", "ratio", "image"):
-        if k in parts[0]:
-            out[k] = torch.cat([p[k] for p in parts])
-    if "jpeg" in parts[0]:                  # undecoded JPEG bytes: shift each part's offsets
-        shift = torch.tensor([0] + [int(p["offsets"][-1]) for p in parts[:-1]]).cumsum(0)
-        out["jpeg"] = torch.cat([p["jpeg"] for p in parts])
-        out["offsets"] = torch.cat([parts[0]["offsets"][:1]] +
-                                   [p["offsets"][1:] + s for p, s in zip(parts, shift)])
-        out["seed"] = [x for p in parts for x in p["seed"]]
-    if "mix_a" in parts[0]:                 # plans index their own fetch's images
-        sizes = [len(p["key"]) for p in parts]
-        out.update(MixPlan.concat([MixPlan.from_dict(p) for p in parts], sizes).to_dict())
-    return out
+        failed = [p for p in parts if isinstance(p, LoaderFailure)]
+        yield failed[0] if failed else type(parts[0]).concat(parts)
 
 
 @dataclass
