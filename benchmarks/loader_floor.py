@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     two_image_floor = med["floor_decode_crop_flip"] / 2
     ratios = {"ours_deepmind_vs_floor": med["ours_deepmind"] / two_image_floor,
               "ours_in_batch_vs_timm": med["ours_in_batch"] / med["timm_loader"]}
-    print(f"\n{args.recipe} at {section.train_res} px, one core ({platform.processor() or platform.machine()}), "
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{args.recipe} at {section.train_res} px, one core ({cpu}), "
           f"torch {torch.__version__}, {split.num_samples} images in {shards}, "
           f"medians of {args.rounds} interleaved rounds, per CPU-second")
     print(f"{'row':>24} {'rate':>9} {'unit':<11} {'vs 2-image floor':>16}")

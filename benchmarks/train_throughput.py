@@ -204,53 +204,37 @@ def _augment(recipe: str, pairs: str):
     return load_recipe(ROOT / "recipes" / recipe, [f"pretrain.augment.mix_pairs={pairs}"]).pretrain.augment
 
 
-def step_examples(batch: dict, device_aug, dev: torch.device) -> torch.Tensor:
-    """The step's data work on a batch (pipeline/step.py, StepRunner.inputs): mixing, RandAugment
-    after mixing, normalisation; the images decode in the step (`jpeg`) or come prefetched."""
-    from pipeline.data.mixing import MixPlan, apply_plan, quantize
-    from pipeline.data.prefetch import prepare
-    from pipeline.data.transforms import normalize
-    if "jpeg" in batch:
-        batch = prepare(batch, device_aug)
-    images = batch["image"].to(dev, non_blocking=True)
-    if "mix_a" not in batch or "ratio" in batch:          # unmixed, or mixed in the worker
-        return normalize(images, True)
-    plan = MixPlan.from_dict(batch)
-    mixed, _ = apply_plan(images, plan)
-    if device_aug is not None and device_aug.ra_after_mix:
-        ops = [device_aug.example_ops(e) for e in plan.seed.tolist()]
-        mixed = device_aug.apply_ops(quantize(mixed), ops)
-    return normalize(mixed, True)
-
-
 def loader_bench(shards: Path, res: int, batch: int, workers: int, decode: str, dev: torch.device,
                  recipe: str, pairs: str, batches: int) -> dict:
-    """Examples/s of the training input alone: `cpu`, `sync` (device decode in this thread, as
-    the step does it) or `prefetch` (pipeline/data/prefetch.py's thread and side stream)."""
-    from pipeline.data.device_aug import DeviceAugment
+    """Examples/s of the training input alone, to the normalised model input on `dev`: `cpu`
+    (examples made in the loader workers), `sync` (made on the device in this thread) or
+    `prefetch` (pipeline/data/prefetch.py's thread and side stream)."""
+    from pipeline.data.examples import ExampleRecipe
     from pipeline.data.manifest import load_split
-    from pipeline.data.prefetch import DevicePrefetcher
+    from pipeline.data.prefetch import DevicePrefetcher, prepare
     from pipeline.data.reader import Cursor, TrainStreams, make_loader, micro_batches
-    from pipeline.data.transforms import train_augment
-    aug = _augment(recipe, pairs)
+    from pipeline.data.transforms import normalize
+    examples = ExampleRecipe.of(res, _augment(recipe, pairs))
     w = max(1, workers)
-    ds = TrainStreams(load_split(shards, "train"), train_augment(res, aug), seed=0, block=512,
+    ds = TrainStreams(load_split(shards, "train"), examples, seed=0, block=512,
                       cursor=Cursor(0, 0, w), rank=0, world=1, workers=w, sub_batch=batch // w,
                       on_device=decode != "cpu")
-    device_aug = DeviceAugment(res, aug, dev) if decode != "cpu" else None
     it = micro_batches(make_loader(ds, workers, pin_memory=dev.type == "cuda"), w)
     if decode == "prefetch":
-        it = DevicePrefetcher(it, device_aug, lookahead=2)
+        it = DevicePrefetcher(it, examples, dev, lookahead=2)
+
+    def model_input(item):
+        b = prepare(item, examples, dev) if decode == "sync" else item
+        return b, normalize(b.images.to(dev, non_blocking=True), True)
     for _ in range(2):                                    # workers started, first tars open
-        step_examples(next(it), device_aug, dev)
+        model_input(next(it))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     images = 0
     for _ in range(batches):
-        b = next(it)
-        images += len(b["key"])
-        out = step_examples(b, device_aug, dev)
+        b, out = model_input(next(it))
+        images += len(b.keys)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     sec = time.perf_counter() - t
