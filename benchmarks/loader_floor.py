@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     shards = args.shards
     if shards is None:
         from train_throughput import make_shards
-        shards = make_shards(args.images)
+        shards = make_shards(args.images, recipe=args.recipe)
     split = load_split(shards, "train")
     n_floor = min(split.num_samples, 2 * args.batch * args.fetches)
     aug = section.augment

@@ -185,16 +185,17 @@ def _write_images(job: tuple[Path, int, int, int]) -> int:
     return sum(write_image(root, i, classes, np.random.default_rng([0, i])) for i in range(lo, hi))
 
 
-def make_shards(n: int, jobs: int | None = None, out: Path | None = None) -> Path:
+def make_shards(n: int, jobs: int | None = None, out: Path | None = None,
+                recipe: str = "f0.yaml") -> Path:
     """ImageNet-like JPEGs (~400 x 350 px, ~110 KB) made on `jobs` cores, sharded by our shard
-    stage (all cores) into `out` (default: a temporary folder)."""
+    stage (all cores, the recipe's shard section) into `out` (default: a temporary folder)."""
     tmp = out or Path(tempfile.mkdtemp(prefix="nfnet-bench-"))
     jobs = jobs or os.cpu_count() or 1
     cuts = [n * k // jobs for k in range(jobs + 1)]
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
         pool.map(_write_images, [(tmp / "src", a, b, 10) for a, b in zip(cuts, cuts[1:]) if b > a])
     subprocess.run([sys.executable, str(ROOT / "stages" / "shard.py"), "--recipe",
-                    str(ROOT / "recipes" / "f0.yaml"), "--source", str(tmp / "src"), "--out",
+                    str(ROOT / "recipes" / recipe), "--source", str(tmp / "src"), "--out",
                     str(tmp / "shards"), "--quiet", "shard.splits=[train]", "shard.shard_size=256"],
                    check=True)
     return tmp / "shards"

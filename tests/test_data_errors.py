@@ -99,14 +99,32 @@ def test_skip_replaces_counts_and_finishes_within_the_budget(shards, tmp_path):
               check=True)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["bad_samples"] == 2 and metrics["steps"] == 12
-    said = [ln for ln in p.stdout.splitlines() if "unreadable sample" in ln]
-    assert len(said) == 2 and all(any(k in ln for k in keys) for ln in said)
-    assert all("replaced by" in ln and "loader.bad_samples=skip" in ln for ln in said)
-    assert sum("does not match the manifest" in ln for ln in p.stdout.splitlines()) == 1
+    lines = p.stdout.splitlines()
+    # said per shard: one line when its first unreadable sample arrives, one with the count at the
+    # end, and the total; not a line per sample
+    first = [ln for ln in lines if "replaced by" in ln]
+    assert len(first) == 1 and any(k in first[0] for k in keys)
+    assert "replaced by" in first[0] and "loader.bad_samples=skip" in first[0]
+    counts = [ln for ln in lines if f"shard {tar}: 2 sample(s) replaced, the first" in ln]
+    assert len(counts) == 1 and any(k in counts[0] for k in keys)
+    assert "2 unreadable sample(s) replaced in 1 shard(s)" in p.stdout
+    assert sum("does not match the manifest" in ln for ln in lines) == 1
     # over the budget: the same damage with max_bad_samples=1 stops with the count
     line = one_error_line(train(shards, tmp_path / "run2", "pretrain.loader.bad_samples=skip",
                                 "pretrain.loader.max_bad_samples=1"))
     assert "2 training sample(s) could not be read" in line and "max_bad_samples" in line
+
+
+def test_a_truncated_tar_with_skip_is_said_per_shard_not_per_sample(shards, tmp_path):
+    """Half a tar lost: every sample after the cut is replaced (dozens), in three lines."""
+    tar = first_train_tar(shards)
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    p = train(shards, tmp_path / "run", "pretrain.loader.bad_samples=skip",
+              "pretrain.loader.max_bad_samples=1000", check=True)
+    replaced = json.loads((tmp_path / "run" / "metrics.json").read_text())["bad_samples"]
+    about_it = [ln for ln in p.stdout.splitlines() if tar.name in ln]
+    assert replaced > 20 and len(about_it) <= 3, about_it
+    assert any(f"{replaced} sample(s) replaced" in ln for ln in about_it)
 
 
 def test_replacements_are_the_nearest_readable_sample_before_else_after():

@@ -1,23 +1,27 @@
 """How a training example is made: decode -> crop + flip -> mix -> RandAugment -> uint8 tensor.
 
-    for every image read:   decode the JPEG                 PIL (CPU)   | nvJPEG (device)
-                            crop (Inception-style) + flip   PIL resize  | resize.crop_flip
-    for every example:      mix image a with image b        mixing.mix (the same function)
+    for every image read:   decode the JPEG                 PIL (CPU)       | nvJPEG (device)
+                            crop (Inception-style) + flip   PIL resize      | resize.crop_flip
+    for every example:      mix image a with image b        mixing.mix_into | mixing.mix
                             RandAugment                     randaugment.apply_cpu | apply_batch
-    out:                    uint8 (n, H, W, 3) in a Batch   the step normalises on the device
+    out:                    uint8 (n, H, W, 3) in a Batch   (the step normalises on the device)
 
-All randomness is drawn first, in the loader worker, by `draw` (the same function for both
-paths), from generators seeded by the samples themselves: an image's crop and flip from its own
-seed (reader.sample_seed: seed, epoch, order index); an example's mixing and RandAugment from a
-seed derived from its image a's. The kind of example (MixUp or CutMix) comes from its place in
-its stream (mixing.is_cutmix). So an example is the same whichever worker, process or resume
-makes it, and on either path (the device path differs only by the JPEG decoder and the resize
-kernels, well under a grey level on average: tests/test_examples.py).
+Every random choice is drawn in the loader worker, by the same functions for both paths
+(`draw_image`, `draw`), from generators seeded by the samples themselves: an image's crop, flip
+(and RandAugment before mixing) from its own seed (reader.sample_seed: seed, epoch, order index);
+an example's mixing and RandAugment from a seed derived from its image a's. Whether an example is
+MixUp or CutMix follows its place in its stream (mixing.is_cutmix). So an example is the same
+whichever worker, process or resume makes it, and on either path: the device path differs only
+by the JPEG decoder and the resize kernels (0.01 grey levels on average on the CPU, where both
+decode with libjpeg-turbo: tests/test_examples.py). The operations themselves are defined once
+(mixing.py, randaugment.py); each path applies them its way: one example at a time with numpy and
+PIL in a CPU worker, a whole micro-batch with torch gathers on the device.
 
-The CPU path (`loader.decode: cpu`, `build_cpu`) runs in the loader workers, one fetch at a time.
-The device path (`decode: device`) passes the JPEG bytes and the draws (`Encoded`); `build_device`
-makes the same examples on the GPU for a whole micro-batch, off the step's critical path
-(pipeline/data/prefetch.py).
+The CPU path (`loader.decode: cpu`): `image_cpu` per image as it is read (decoded and cropped at
+once, while its pixels are in the cache), then `build_cpu` per fetch, writing each example
+straight into the batch. The device path (`decode: device`): the worker passes the JPEG bytes
+and the draws (`batch.Encoded`); `build_device` makes the same examples on the GPU for a whole
+micro-batch, off the step's critical path (pipeline/data/prefetch.py).
 
 Order: crop and flip per image, then mixing, then RandAugment on each mixed example (DeepMind's
 `augment_before_mix=False`, `augment.randaugment_order: after_mix`), or RandAugment per image
