@@ -56,6 +56,7 @@ from pipeline.data.manifest import load_split  # noqa: E402
 from pipeline.data.reader import Cursor, TrainStreams, iter_order, make_loader  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 
+WARMUP = 6     # fetches before measuring: a fresh worker's first fetches pay copy-on-write faults
 UNITS = {"floor_tar_sha": "images/s", "floor_decode": "images/s",
          "floor_decode_crop_flip": "images/s", "floor_timm_ra": "images/s",
          "ours_deepmind": "examples/s", "ours_in_batch": "examples/s",
@@ -118,14 +119,15 @@ def floors(split, n: int, res: int, layers: int, magnitude: int) -> dict[str, fl
 
 def ours(split, section, pairs: str, order: str, sub_batch: int, fetches: int,
          on_device: bool = False) -> float:
-    """Examples/s of our DataLoader (one worker process), after two warm-up fetches."""
+    """Examples/s of our DataLoader (one worker process), in its steady state."""
     aug = dataclasses.replace(section.augment, mix_pairs=pairs, randaugment_order=order)
     recipe = ExampleRecipe.of(section.train_res, aug)
     ds = TrainStreams(split, recipe, seed=random.randrange(1000), block=512,
                       cursor=Cursor(0, 0, 1), rank=0, world=1, workers=1, sub_batch=sub_batch,
                       on_device=on_device)
     it = iter(make_loader(ds, 1))
-    next(it), next(it)
+    for _ in range(WARMUP):
+        next(it)
     t = settled()
     for _ in range(fetches):
         next(it)
@@ -150,7 +152,8 @@ def timm_loader(shards: Path, section, batch: int, fetches: int) -> float:
                            collate_fn=mixup, use_prefetcher=True, device=torch.device("cpu"),
                            persistent_workers=False)
     it = iter(loader.loader)             # the workers' uint8 batches (no normalisation after)
-    next(it), next(it)
+    for _ in range(WARMUP):
+        next(it)
     t = settled()
     for _ in range(fetches):
         next(it)

@@ -165,6 +165,20 @@ def test_real_dataloader_workers_give_the_emulated_sequence(split):
     assert real == emulated
 
 
+def test_batches_from_workers_survive_the_reuse_of_the_workers_buffers(split):
+    """Loader workers write their fetches in a ring of shared buffers they reuse; every batch is
+    copied out as it arrives, so batches held across many later fetches keep their pixels."""
+    recipe = ExampleRecipe.of(24, load_recipe(ROOT / "recipes" / "f0.yaml").pretrain.augment)
+    kw = dict(seed=1, block=50, cursor=Cursor(0, 0, 1), rank=0, world=1, workers=1, sub_batch=4)
+    held = list(itertools.islice(micro_batches(make_loader(TrainStreams(split, recipe, **kw), 1),
+                                               1), 20))                # > the ring's 6 buffers
+    alone = TrainStreams(split, recipe, **kw).iter_worker(0)
+    for got in held:
+        expected = next(alone)
+        assert got.keys == expected.keys and torch.equal(got.images, expected.images)
+        assert torch.equal(got.ratio, expected.ratio) and torch.equal(got.labels_b, expected.labels_b)
+
+
 def test_batches_mix_classes_and_follow_the_block_permutation(split):
     from pipeline.data.shard_reader import PositionReader
     ds = streams(split, Cursor(0, 0, 1), 0, 1, 1, 32)               # one stream, block 50

@@ -245,9 +245,7 @@ def image_cpu(recipe: ExampleRecipe, img: Image.Image, d: ImageDraw) -> np.ndarr
 def build_cpu(recipe: ExampleRecipe, images: list[np.ndarray], draws: Draws) -> torch.Tensor:
     """The fetch's examples, uint8 (n, res, res, 3), from its prepared images (`image_cpu`):
     each example mixed and RandAugmented straight into the batch."""
-    batch = torch.empty((len(draws.pairs), recipe.res, recipe.res, 3), dtype=torch.uint8)
-    if get_worker_info() is not None:
-        batch.share_memory_()          # written in place: the worker queue then copies nothing
+    batch = batch_buffer((len(draws.pairs), recipe.res, recipe.res, 3))
     out = batch.numpy()
     for i, (a, b) in enumerate(draws.pairs):
         if draws.mixes is None:
@@ -259,6 +257,26 @@ def build_cpu(recipe: ExampleRecipe, images: list[np.ndarray], draws: Draws) -> 
         elif recipe.ra_after_mix:
             out[i] = _timm_randaugment_cpu(recipe, out[i], draws.timm_seeds[i])
     return batch
+
+
+PREFETCH = 4        # fetches a loader worker has in flight (reader.make_loader's prefetch_factor)
+RING = PREFETCH + 2  # shared buffers per shape in a loader worker: more than the fetches in flight
+_RINGS: dict[tuple[int, ...], list] = {}
+
+
+def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """Where a fetch's examples are written: in a loader worker, the next of RING shared-memory
+    buffers it reuses (the training process copies each batch out as it arrives, batch._arrived,
+    and asks the worker for its next fetch only after that; with at most PREFETCH fetches in
+    flight, a buffer comes round again only after its batch was copied out), so no fetch pays for
+    a fresh shared segment; in the training process itself (no workers), a new tensor."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    ring = _RINGS.setdefault(shape, [0])
+    if len(ring) < RING + 1:
+        ring.append(torch.empty(shape, dtype=torch.uint8).share_memory_())
+    ring[0] = ring[0] % RING + 1
+    return ring[ring[0]]
 
 
 def _timm_randaugment_cpu(recipe: ExampleRecipe, x: np.ndarray, seed: int) -> np.ndarray:

@@ -318,14 +318,15 @@ def _apply_tables(x: np.ndarray, run: list[Op]) -> np.ndarray:
         return pairs.take(x.reshape(-1).view(np.uint16)).view(np.uint8).reshape(h, w, 3)
     img = Image.fromarray(x)
     hist = np.asarray(img.histogram(), dtype=np.int64).reshape(3, 256)
-    tables = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256))
+    tables = None                                       # the composition so far (None: identity)
     for op in run:
-        if op.name in HISTOGRAM:
-            now = np.stack([np.bincount(tables[c], weights=hist[c], minlength=256) for c in range(3)])
+        if op.name in HISTOGRAM:                        # the histogram through the tables so far
+            now = hist if tables is None else np.stack(
+                [np.bincount(tables[c], weights=hist[c], minlength=256) for c in range(3)])
             step = histogram_tables(op.name, now.astype(np.int64)[None])[0]
         else:
             step = np.broadcast_to(fixed_table(op.name, op.arg, h * w), (3, 256))
-        tables = np.take_along_axis(step, tables.astype(np.int64), -1)
+        tables = step if tables is None else np.take_along_axis(step, tables.astype(np.int64), -1)
     return np.asarray(img.point(_BandTables(tables)))
 
 

@@ -362,7 +362,7 @@ def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool = False
     """A DataLoader that passes the dataset's batches through. Not given to accelerate.prepare:
     that would re-split (or broadcast) data we have already split by rank."""
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+                      persistent_workers=False, prefetch_factor=examples.PREFETCH if workers > 0 else None,
                       worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
