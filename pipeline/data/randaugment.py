@@ -308,6 +308,10 @@ def _apply_tables(x: np.ndarray, run: list[Op]) -> np.ndarray:
     run = [op for op in run if op.name in HISTOGRAM or not _is_identity(op.name, op.arg, h * w)]
     if not run:
         return x
+    if len(run) == 1 and run[0].name == "Invert":            # one SIMD pass: 3 vs 68 us
+        return np.bitwise_not(x)
+    if len(run) == 1 and run[0].name == "Posterize":
+        return np.bitwise_and(x, fixed_table("Posterize", run[0].arg, h * w)[255])
     if not any(op.name in HISTOGRAM for op in run):
         table = np.arange(256, dtype=np.uint8)
         for op in run:
