@@ -52,7 +52,7 @@ from pipeline.evaluate import validate
 from pipeline.io import atomic_write_text
 from pipeline.plan import Plan, make_plan
 from pipeline.preemption import Preempted, RunControl
-from pipeline.recipe import TrainSection, to_dict
+from pipeline.recipe import LoaderSection, TrainSection, to_dict
 from pipeline.step import StepRunner, build_optimizer, build_scheduler, ema_decay
 
 __all__ = ["DataError", "Job", "NonFiniteLoss", "Preempted", "TrainResult", "Trainer",
@@ -359,14 +359,12 @@ class Trainer:
         if self.acc.log_with:
             self.acc.log({"train/loss": self.last_loss, "train/lr": lr, "train/img_per_s": self.rate,
                           "train/data_wait_share": share, "train/epoch": epoch}, step=self.step)
-        if share > DATA_WAIT_HINT and not self.hinted and self.step - self.start_step > self.steps_since:
-            self.hinted = True                  # not on the first interval: it starts the loader
-            loader, stage = self.section.loader, self.job.stage
-            bar.write(f"[{stage}] the step waited for data {share:.0%} of the time (steps "
-                      f"{self.step - self.steps_since + 1}-{self.step}): the loader is the "
-                      f"bottleneck; raise {stage}.loader.num_workers (now {loader.num_workers}), "
-                      f"or on GPUs set {stage}.loader.decode=device (CPU cores each variant needs: "
-                      f"benchmarks/RESULTS.md)")
+        first_interval = self.step - self.start_step <= self.steps_since   # it starts the loader
+        hint = None if self.hinted or first_interval else data_wait_hint(
+            share, self.job.stage, self.section.loader, (self.step - self.steps_since + 1, self.step))
+        if hint:
+            self.hinted = True
+            bar.write(hint)
         self.loss_sum.zero_()
         self.t_log, self.steps_since, self.waited_at_log = now, 0, self.waited.seconds
 
@@ -459,6 +457,21 @@ class Trainer:
 # ------------------------------------------------------------------------------------------------
 # Helpers of the phases
 # ------------------------------------------------------------------------------------------------
+
+def data_wait_hint(share: float, stage: str, loader: LoaderSection, steps: tuple[int, int]
+                   ) -> str | None:
+    """The one line a run prints when its step waited for data more than DATA_WAIT_HINT of the
+    time over a log interval (once per run), or None."""
+    if not share > DATA_WAIT_HINT:
+        return None
+    more = (f"raise {stage}.loader.num_workers (now {loader.num_workers})" if loader.decode == "cpu"
+            else f"raise {stage}.loader.num_workers (now {loader.num_workers}: the workers read the "
+                 f"tars)")
+    device = (f", or on GPUs set {stage}.loader.decode=device" if loader.decode == "cpu" else "")
+    return (f"[{stage}] the step waited for data {share:.0%} of the time (steps {steps[0]}-"
+            f"{steps[1]}): the loader is the bottleneck; {more}{device} (CPU cores each variant "
+            f"needs: benchmarks/RESULTS.md)")
+
 
 def _resumable(section: TrainSection) -> dict[str, Any]:
     """The recipe keys that change the run's result: not logging, loaders, checkpointing, or how

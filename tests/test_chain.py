@@ -63,6 +63,7 @@ def test_pretrain_outputs(chain):
     assert 1 <= len(ckpts) <= 2 and ckpts[-1].name == "step-00000022"   # 2 epochs of 721 / 64
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 22 and 0 < metrics["train_loss"] < 2.0
+    assert 0 <= metrics["data_wait_share"] < 1                  # the step's time waiting for data
     # measured 30.0 (EMA) and 36.7 (raw) on digits 0-4 (chance 20) after 22 steps
     assert metrics["val_top1_ema"] >= 25 and metrics["val_top1_raw"] >= 30
     resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())

@@ -1,6 +1,7 @@
 """The training run (pipeline/train.py): its phases, its typed result, the first losses of a seeded
 run pinned (a change to the training step shows up here as a diff), object-storage URLs."""
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -161,3 +162,13 @@ def test_result_metrics_hold_numbers_only():
     m = r.metrics()
     assert m["val_top1_ema"] == 90.0 and m["compile_s"] == 12.5
     assert all(isinstance(v, (int, float)) for v in m.values())
+
+
+def test_a_step_waiting_for_data_gets_one_line_saying_what_to_raise():
+    loader = load_recipe(RECIPE).pretrain.loader
+    assert train.data_wait_hint(0.2, "pretrain", loader, (6, 10)) is None
+    line = train.data_wait_hint(0.6, "pretrain", loader, (6, 10))
+    assert "waited for data 60% of the time (steps 6-10)" in line
+    assert "pretrain.loader.num_workers (now 1)" in line and "loader.decode=device" in line
+    device = dataclasses.replace(loader, decode="device")
+    assert "decode=device" not in train.data_wait_hint(0.6, "finetune", device, (1, 2))
