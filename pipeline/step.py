@@ -2,8 +2,10 @@
 
 `accum_steps` micro-batches per process; DDP averages gradients across processes, accumulation
 sums them, AGC clips once on the result, then SGD applies coupled weight decay and Nesterov
-momentum: DeepMind's order. Mixing draws come from the images' own seeds (pipeline/data/mixing.py),
-dropout and stochastic depth from (seed, step, rank), so a resumed run repeats the step exactly.
+momentum: DeepMind's order. A micro-batch arrives as a `Batch` of finished examples (made by the
+loader: pipeline/data/examples.py); the step moves it to the device, normalises the images and
+weighs each example's two labels by its ratio (`mixed_cross_entropy`). Dropout and stochastic
+depth draw from (seed, step, rank), so a resumed run repeats the step exactly.
 """
 from __future__ import annotations
 
