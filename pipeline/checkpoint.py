@@ -75,7 +75,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
         save_file(weights[0], str(tmp / "model.safetensors"))
         if ema is not None:
             save_file(weights[1], str(tmp / "ema.safetensors"))
-        torch.save(train_state, tmp / "train_state.pt")
+        with open(tmp / "train_state.pt", "wb") as f:     # a Python file: a full disk is an
+            torch.save(train_state, f)                      # OSError (torch's own writer: none)
         if logs is not None and logs.is_dir():
             shutil.copytree(logs, tmp / logs.name)
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # errors a user fixes by freeing space or writing elsewhere (the rest keep their traceback)
@@ -56,13 +56,19 @@ def free_bytes(path: str | os.PathLike) -> int | None:
         return None
 
 
-def _errno_of(e: BaseException) -> int | None:
-    """The OS error number of `e`: an OSError's, or one quoted in a message (safetensors writes
-    through Rust: "... Os { code: 28, kind: StorageFull ..." / "(os error 28)")."""
-    if isinstance(e, OSError) and e.errno:
-        return e.errno
-    found = re.search(r"(?:os error|code:) ?(\d+)", str(e))
-    return int(found.group(1)) if found else None
+def _errno_of(e: BaseException | None) -> int | None:
+    """The OS error number behind `e`: an OSError's, one that it was raised while handling
+    (torch.save writing to a Python file), or one quoted in its message (safetensors writes
+    through Rust: "... Os { code: 28, kind: StorageFull ...")."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = re.search(r"(?:os error|code:) ?(\d+)", str(e))
+        if found:
+            return int(found.group(1))
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def write_failure(target: str | os.PathLike, what: str, e: BaseException,
@@ -73,6 +79,8 @@ def write_failure(target: str | os.PathLike, what: str, e: BaseException,
     if code not in _NO_ROOM:
         return None
     free = free_bytes(target)
+    if free is not None and written:
+        free += written                  # the partial write is removed before the message shows
     size = (f"it needs {human_bytes(needs)}" if needs is not None else
             f"{human_bytes(written)} were written before it failed" if written else
             "its size is not known in advance")
@@ -93,15 +101,18 @@ def check_room(target: str | os.PathLike, what: str, needs: int | None) -> None:
 
 @contextlib.contextmanager
 def explain_write(target: str | os.PathLike, what: str, needs: int | None = None,
-                  written=lambda: None) -> Iterator[None]:
-    """Turn a want of space or permission inside the block into WriteError (`written`: a
-    callable giving the bytes written so far, for the message when `needs` is unknown)."""
+                  written: Callable[[], int | None] = lambda: None,
+                  estimate: Callable[[], int | None] = lambda: None) -> Iterator[None]:
+    """Turn a want of space or permission inside the block into WriteError. Where `needs` is
+    not known in advance, `estimate` gives it at the failure (from what was written), else
+    `written` the bytes written so far."""
     try:
         yield
     except WriteError:
         raise
     except Exception as e:
-        failure = write_failure(target, what, e, needs, written())
+        failure = write_failure(target, what, e, needs if needs is not None else estimate(),
+                                written())
         if failure is None:
             raise
         raise failure from e

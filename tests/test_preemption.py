@@ -424,3 +424,58 @@ def test_a_signal_while_the_stage_starts_is_kept_until_the_first_boundary(demo_s
     assert code == EXIT_PREEMPTED, stderr[-3000:]
     marker = json.loads((out / "PREEMPTED.json").read_text())
     assert marker["step"] <= 1 and Path(marker["checkpoint"]).is_dir()
+
+
+LOADER = textwrap.dedent("""
+    import os, signal, sys, time
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+    from pipeline.preemption import ignore_stop_signals
+
+    class Endless(IterableDataset):
+        def __iter__(self):
+            while True:
+                time.sleep(0.01)
+                yield torch.tensor([os.getpid()])
+
+    if __name__ == "__main__":
+        got = []
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):   # the training process's part
+            signal.signal(s, lambda n, f: got.append(n))
+        it = iter(DataLoader(Endless(), batch_size=None, num_workers=2,
+                             worker_init_fn=ignore_stop_signals))
+        print("workers", *sorted({int(next(it)) for _ in range(20)}), flush=True)
+        sys.stdin.readline()                         # the test signals the group meanwhile
+        for _ in range(20):
+            next(it)                                 # the workers still deliver
+        print("signals", *sorted(got), flush=True)
+        if sys.argv[1] == "exit":
+            sys.exit(3)                              # the loader is still open
+        sys.stdin.readline()                         # the test kills this process
+""")
+
+
+@pytest.mark.parametrize("end", ["exit", "kill -9"])
+def test_loader_workers_survive_stop_signals_and_end_with_the_training_process(tmp_path, end):
+    """Real DataLoader workers set up by ignore_stop_signals: SIGTERM, SIGINT and SIGUSR1 to the
+    whole group leave them delivering; an exit with the loader still open does not hang, and
+    SIGKILL of the training process leaves no worker behind."""
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER)
+    proc = subprocess.Popen([sys.executable, "-W", "ignore", script, end], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    workers = [int(w) for w in wait_for_line(proc, "workers", 60)[-1].split()[1:]]
+    assert len(workers) == 2
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        os.killpg(proc.pid, sig)
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    line = wait_for_line(proc, "signals", 60)[-1]
+    assert line.split()[1:] == [str(int(s)) for s in sorted((signal.SIGTERM, signal.SIGINT,
+                                                             signal.SIGUSR1))]
+    if end == "kill -9":
+        proc.kill()
+    code = proc.wait(timeout=30)                       # no hang at exit
+    assert code == (3 if end == "exit" else -signal.SIGKILL), proc.stderr.read()[-2000:]
+    assert not wait_until_gone(workers, 5.0), "loader workers outlived the training process"
