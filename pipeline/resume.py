@@ -112,7 +112,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
 @dataclass(frozen=True)
 class Decision:
     """`start`, `resume` (from `checkpoint`) or `finished` (at `checkpoint`); `note`: a line to
-    print (removed checkpoints, the finished run)."""
+    print (the checkpoints --resume none removed)."""
     kind: str
     checkpoint: str | None = None
     note: str | None = None
@@ -131,11 +131,7 @@ def decide(out: Path, identity: Identity, mode: str, total_steps: int) -> Decisi
         if others and mode == "auto":
             raise Refused(_refusal(out, identity, others[-1]))
         return Decision("start")
-    path = Path(mode)
-    if not (path / "meta.json").is_file():
-        raise ckpt.CheckpointError(
-            f"--resume {mode}: not a complete checkpoint folder (expected meta.json inside); "
-            f"complete ones under {root}: {[p.name for p in ckpt.complete_checkpoints(root)]}")
+    path = find_resume(mode, root)                  # a folder: it must be a complete checkpoint
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("fingerprint") != identity.fingerprint:
         raise Refused(_refusal(out, identity, path))
@@ -171,10 +167,9 @@ def _refusal(out: Path, identity: Identity, found: Path) -> str:
 
 def _start_over(out: Path, root: Path) -> str | None:
     """--resume none: remove this settings' checkpoints (and a marker that names one)."""
-    found = ckpt.complete_checkpoints(root)
     if not root.exists():
         return None
-    marker = _marker_names(out, root)
+    found, marker = ckpt.complete_checkpoints(root), _marker_names(out, root)
     shutil.rmtree(root)
     if marker:
         (out / PREEMPTED).unlink(missing_ok=True)
