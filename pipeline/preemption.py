@@ -71,8 +71,9 @@ def _rank() -> str:
 def _on_signal(signum: int, frame) -> None:
     if _Stop.signum is None:
         _Stop.signum = signum
-        print(f"[rank {_rank()}] {signal.Signals(signum).name} received: stopping at the next "
-              f"step boundary with a checkpoint (Ctrl-C again aborts at once)", flush=True)
+        # to the file descriptor: a print() here could re-enter a print the signal interrupted
+        os.write(1, f"[rank {_rank()}] {signal.Signals(signum).name} received: stopping at the "
+                    f"next step boundary with a checkpoint (Ctrl-C again aborts at once)\n".encode())
         return
     if signum != signal.SIGINT:
         return                             # a repeated SIGTERM / SIGUSR1 changes nothing
