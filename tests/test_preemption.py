@@ -137,7 +137,6 @@ def test_a_signal_stops_with_one_checkpoint_and_the_resume_is_bit_identical(
     wait_for_steps(keys, 6, proc)
     if to_group:
         assert len(group_members(proc.pid)) == 2          # the training process and its worker
-        assert_a_second_run_is_refused(demo_shards["pretrain"], out, proc.pid)
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)
@@ -173,14 +172,18 @@ def assert_a_second_run_is_refused(shards, out: Path, holder_pid: int) -> None:
     assert lock.read_text() == held and resolved.stat().st_mtime_ns == written   # nothing written
 
 
-def test_a_lock_left_by_kill_9_does_not_block_the_resume(demo_shards, tmp_path):
-    """SIGKILL leaves the run's lock behind (and no loader worker); the same command then
-    resumes from the newest checkpoint and finishes."""
+def test_one_writer_per_out_and_a_lock_left_by_kill_9_does_not_block_the_resume(
+        demo_shards, tmp_path):
+    """A second run into a folder that a live run holds is refused (the holder is frozen with
+    SIGSTOP meanwhile: alive, and certain not to finish first). SIGKILL then leaves the lock
+    behind (and no loader worker); the same command resumes from the newest checkpoint."""
     shards, out, keys = demo_shards["pretrain"], tmp_path / "run", tmp_path / "keys"
     proc = start([sys.executable, ROOT / "stages" / "pretrain.py",
                   *args(shards, out, "pretrain.checkpoint_every=3"), "--log-samples", keys])
     wait_for_steps(keys, 4, proc)
     workers = _children(proc.pid)
+    proc.send_signal(signal.SIGSTOP)
+    assert_a_second_run_is_refused(shards, out, proc.pid)
     proc.kill()
     proc.communicate()
     assert (out / LOCK_NAME).exists() and not wait_until_gone(workers)
