@@ -69,12 +69,12 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
     then delete all but the newest `keep` checkpoints."""
     root = Path(root)
     final = root / f"step-{step:08d}"
-    weights = [_state_for_save(m) for m in (model, ema) if m is not None]
+    needs = tensor_bytes([m.state_dict() for m in (model, ema) if m is not None])
     with atomic_dir(final, what=f"the checkpoint of step {step}",
-                    needs=tensor_bytes(weights) + tensor_bytes(train_state)) as tmp:
-        save_file(weights[0], str(tmp / "model.safetensors"))
+                    needs=needs + tensor_bytes(train_state)) as tmp:
+        save_file(_state_for_save(model), str(tmp / "model.safetensors"))    # one CPU copy at a time
         if ema is not None:
-            save_file(weights[1], str(tmp / "ema.safetensors"))
+            save_file(_state_for_save(ema), str(tmp / "ema.safetensors"))
         with open(tmp / "train_state.pt", "wb") as f:     # a Python file: a full disk is an
             torch.save(train_state, f)                      # OSError (torch's own writer: none)
         if logs is not None and logs.is_dir():
@@ -118,11 +118,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, ema: nn.Module | 
 def save_model_dir(out: str | os.PathLike, model: nn.Module, ema: nn.Module | None,
                    config: dict[str, Any]) -> Path:
     """Write weights and config.json into `out`, replacing the folder as a whole (io.atomic_dir)."""
-    weights = [_state_for_save(m) for m in (model, ema) if m is not None]
-    with atomic_dir(out, what="the model folder", needs=tensor_bytes(weights)) as tmp:
-        save_file(weights[0], str(tmp / "model.safetensors"))
+    needs = tensor_bytes([m.state_dict() for m in (model, ema) if m is not None])
+    with atomic_dir(out, what="the model folder", needs=needs) as tmp:
+        save_file(_state_for_save(model), str(tmp / "model.safetensors"))
         if ema is not None:
-            save_file(weights[1], str(tmp / "ema.safetensors"))
+            save_file(_state_for_save(ema), str(tmp / "ema.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out)
 
