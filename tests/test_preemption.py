@@ -217,12 +217,14 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_checkpoints(demo_shards, t
     assert not wait_until_gone(group_members(proc.pid))
 
 
-@pytest.mark.parametrize("phase", ["in a step", "in the stop checkpoint", "after the stop checkpoint"])
+@pytest.mark.parametrize("phase", ["in start-up", "in a step", "in the stop checkpoint",
+                                   "after the stop checkpoint"])
 def test_a_second_ctrl_c_exits_130_before_during_and_after_the_stop_checkpoint(
         demo_shards, tmp_path, monkeypatch, phase):
-    """In-process, each moment made certain: the first SIGINT after step 3, the second sent
-    from inside the run at `phase`. The run ends with 130 (SystemExit), no checkpoint
-    half-written, the one of step 3 (the stop checkpoint) complete or absent, never torn."""
+    """In-process, each moment made certain: both SIGINTs before the run's set-up, or the first
+    after step 3 and the second from inside the run at `phase`. The run ends with 130
+    (SystemExit), no checkpoint half-written, the one of step 3 (the stop checkpoint) complete
+    or absent, never torn."""
     def kill_at(obj, name, when):
         real = getattr(obj, name)
 
@@ -248,6 +250,14 @@ def test_a_second_ctrl_c_exits_130_before_during_and_after_the_stop_checkpoint(
                 kill_at(*{"in the stop checkpoint": (ckpt, "save_file", "after"),
                           "after the stop checkpoint": (train, "atomic_write_text", "after")}[phase])
     monkeypatch.setattr(train.Trainer, "one_step", step_then_first_ctrl_c)
+    if phase == "in start-up":
+        real_setup = train.Trainer.setup
+
+        def two_ctrl_c_then_setup(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            real_setup(self)
+        monkeypatch.setattr(train.Trainer, "setup", two_ctrl_c_then_setup)
     with pytest.raises(SystemExit) as e:
         train.run(_job(demo_shards["pretrain"], tmp_path))
     assert e.value.code == EXIT_ABORTED

@@ -68,8 +68,8 @@ def pretrain_command(launcher: str, script: str | Path, recipe: str, shards: str
     words = shlex.split(launcher)
     if words in (["python"], ["python3"]):
         words = [sys.executable]
-    return [*words, str(script), "--recipe", recipe, "--shards", str(shards), "--out", str(out),
-            "--resume", "matching", *overrides]
+    return [*words, str(script), "--resume", "matching", "--recipe", recipe, "--shards",
+            str(shards), "--out", str(out), *overrides]
 
 
 def is_done(run: Path, recipe: str, shards: str, overrides: list[str]) -> bool:
