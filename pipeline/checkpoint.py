@@ -4,10 +4,12 @@ A checkpoint is a folder `checkpoints/<fingerprint>/step-00001234/` holding
     model.safetensors, ema.safetensors   weights (safetensors only; no pickle)
     train_state.pt                       optimizer, scheduler, data cursor, step: tensors and plain
                                          data, loaded with torch.load(weights_only=True)
+    dvclive/ (optional)                  the run's dvclive logs up to this step
     meta.json                            written last; its presence marks the checkpoint complete
 It is written under a temporary name and renamed, so a crash while saving leaves the previous
-checkpoint as it was. `fingerprint` hashes what makes a run resumable (recipe section, data,
-initial weights), so `--resume auto` never continues a run from a different recipe.
+checkpoint as it was (a full disk too: io.WriteError names the folder and the bytes it needs).
+`fingerprint` hashes what makes a run resumable (recipe settings, data, initial weights:
+pipeline/resume.py), so `--resume auto` never continues a run with other settings.
 
 A model folder (`<stage out>/model/`) is what the next stage reads:
     model.safetensors, ema.safetensors (if EMA is on), config.json (timm's hub format, plus our
@@ -49,17 +51,34 @@ def _state_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a (nested) state: what writing it takes, less headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
                     ema: nn.Module | None, train_state: dict[str, Any],
-                    meta: dict[str, Any], keep: int) -> Path:
-    """Write `root/step-<step>` atomically, then delete all but the newest `keep` checkpoints."""
+                    meta: dict[str, Any], keep: int, logs: Path | None = None) -> Path:
+    """Write `root/step-<step>` atomically (with a copy of the folder `logs`, if it exists),
+    then delete all but the newest `keep` checkpoints."""
     root = Path(root)
     final = root / f"step-{step:08d}"
-    with atomic_dir(final) as tmp:
-        save_file(_state_for_save(model), str(tmp / "model.safetensors"))
+    needs = tensor_bytes([m.state_dict() for m in (model, ema) if m is not None])
+    with atomic_dir(final, what=f"the checkpoint of step {step}",
+                    needs=needs + tensor_bytes(train_state)) as tmp:
+        save_file(_state_for_save(model), str(tmp / "model.safetensors"))    # one CPU copy at a time
         if ema is not None:
             save_file(_state_for_save(ema), str(tmp / "ema.safetensors"))
-        torch.save(train_state, tmp / "train_state.pt")
+        with open(tmp / "train_state.pt", "wb") as f:     # a Python file: a full disk is an
+            torch.save(train_state, f)                      # OSError (torch's own writer: none)
+        if logs is not None and logs.is_dir():
+            shutil.copytree(logs, tmp / logs.name)
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -99,7 +118,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, ema: nn.Module | 
 def save_model_dir(out: str | os.PathLike, model: nn.Module, ema: nn.Module | None,
                    config: dict[str, Any]) -> Path:
     """Write weights and config.json into `out`, replacing the folder as a whole (io.atomic_dir)."""
-    with atomic_dir(out) as tmp:
+    needs = tensor_bytes([m.state_dict() for m in (model, ema) if m is not None])
+    with atomic_dir(out, what="the model folder", needs=needs) as tmp:
         save_file(_state_for_save(model), str(tmp / "model.safetensors"))
         if ema is not None:
             save_file(_state_for_save(ema), str(tmp / "ema.safetensors"))

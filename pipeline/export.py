@@ -210,7 +210,8 @@ def export_folder(model_dir: Path, out: Path, section: PublishSection,
     texts["README.md"] = model_card(cfg, section, metrics, recipes, num_params, repo,
                                     data=_data(recipes, metrics), unchecked=unchecked or [])
 
-    with atomic_dir(out) as tmp:
+    needs = weights.stat().st_size + sum(len(t.encode()) for t in texts.values())
+    with atomic_dir(out, what="the published folder", needs=needs) as tmp:
         shutil.copyfile(weights, tmp / WEIGHTS)         # same bytes: the sha stays the same
         (tmp / "recipes").mkdir()
         for stage, path in recipe_files.items():

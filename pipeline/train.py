@@ -2,7 +2,7 @@
 
     run(job)                      the whole run, in this order:
       Trainer.setup()             plan, accelerator, model on its device, optimizer, AGC, EMA, LR
-      Trainer.resume()            the newest complete checkpoint of this recipe, if any
+      Trainer.resume()            the checkpoint the stage chose (pipeline/resume.py), if any
       Trainer.open_data()         the training streams from the data cursor, trackers
       Trainer.train()             the step loop: one optimiser step (pipeline/step.py), EMA,
                                   logging, NaN checks, checkpoints, validation points
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint as ckpt
+from pipeline import resume as resuming
 from pipeline import runtime
 from pipeline.agc import AGC
 from pipeline.batchnorm import prepare_batchnorm, train_mode
@@ -49,15 +51,15 @@ from pipeline.data.reader import (
 )
 from pipeline.data.shard_reader import DataError
 from pipeline.evaluate import validate
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_dir, atomic_write_text
 from pipeline.plan import Plan, make_plan
 from pipeline.preemption import Preempted, RunControl
 from pipeline.recipe import LoaderSection, TrainSection, to_dict
+from pipeline.resume import PREEMPTED, Identity
 from pipeline.step import StepRunner, build_optimizer, build_scheduler, ema_decay
 
 __all__ = ["DataError", "Job", "NonFiniteLoss", "Preempted", "TrainResult", "Trainer",
            "build_optimizer", "ema_decay", "run"]
-PREEMPTED = "PREEMPTED.json"      # written when a signal stopped the run; removed when it finishes
 DATA_WAIT_HINT = 0.25             # a log interval waiting longer for data than this gets a hint
 
 
@@ -75,7 +77,7 @@ class Job:
     shards: Path
     out: Path
     config: dict[str, Any]          # model config.json (architecture, classes, resolutions)
-    resume: str = "auto"            # auto | none | <checkpoint folder>
+    resume: str = "auto"            # auto | matching | none | <checkpoint folder> (resume.py)
     init_fingerprint: str = ""
     record_keys: Path | None = None  # write each rank's sample keys here (audits, tests)
     shard_url: str | None = None     # read tars from here ({name} template), manifest from shards
@@ -167,19 +169,28 @@ class Trainer:
         # not the loader: see reader.make_loader
         self.ddp_model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.forward = runtime.compile_model(self.ddp_model) if s.compile else self.ddp_model
-        self.fingerprint = ckpt.fingerprint(job.stage, _resumable(s), self.split.urls,
-                                            self.split.shard_lengths, job.init_fingerprint)
+        self.identity = identity(job, self.split)
+        self.fingerprint = self.identity.fingerprint
         self.ckpt_root = self.out / "checkpoints" / self.fingerprint
         self.cursor = Cursor(0, 0, self.plan.data_streams)
 
     # -- phase 2 ---------------------------------------------------------------------------------
     def resume(self) -> Path | None:
         """Load the checkpoint `job.resume` names (auto: the newest complete one of this recipe,
-        data and init): weights, EMA, optimizer, scheduler, step and data cursor."""
-        found = _find_resume(self.job.resume, self.ckpt_root)
+        data and init): weights, EMA, optimizer, scheduler, step and data cursor; the dvclive
+        logs as they were at that step; the last logged loss and rate (for a run resumed at its
+        last step, whose finish has no step of its own to report)."""
+        found = resuming.find_resume(self.job.resume, self.ckpt_root)
         if found is None:
             return None
-        state, _ = ckpt.load_checkpoint(found, self.model, self.ema.module if self.ema else None)
+        state, meta = ckpt.load_checkpoint(found, self.model, self.ema.module if self.ema else None)
+        self.last_loss = meta.get("train_loss", self.last_loss)
+        self.rate = meta.get("img_per_s", self.rate)
+        if self.acc.is_main_process and (found / "dvclive").is_dir():
+            # dvclive appends on resume: its files must end at this step (DVC may also have
+            # removed them before a `dvc repro` that resumes)
+            with atomic_dir(self.out / "dvclive", what="the dvclive logs") as tmp:
+                shutil.copytree(found / "dvclive", tmp, dirs_exist_ok=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         cursor = Cursor.from_state(state["cursor"])
@@ -327,6 +338,7 @@ class Trainer:
         if self.acc.is_main_process:
             atomic_write_text(self.out / PREEMPTED, json.dumps(
                 {"step": self.step, "signal": signame, "checkpoint": where,
+                 "fingerprint": self.fingerprint,
                  "resume": "run the same command again (--resume auto)"}, indent=1) + "\n")
         self.acc.wait_for_everyone()
         self.acc.end_training()
@@ -395,10 +407,11 @@ class Trainer:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "cursor": cursor.state_dict()}
             meta = {"stage": self.job.stage, "fingerprint": self.fingerprint,
-                    "plan": plan.as_dict(), "epoch": self.step / plan.steps_per_epoch}
+                    "plan": plan.as_dict(), "epoch": self.step / plan.steps_per_epoch,
+                    "train_loss": self.last_loss, "img_per_s": self.rate, **self.identity.meta()}
             ckpt.save_checkpoint(self.ckpt_root, self.step, self.model,
                                  self.ema.module if self.ema else None, state, meta,
-                                 self.section.keep_checkpoints)
+                                 self.section.keep_checkpoints, logs=self.out / "dvclive")
         self.acc.wait_for_everyone()
         self.saved_step = self.step
 
@@ -448,9 +461,13 @@ class Trainer:
         if acc.is_main_process:
             metrics = result.metrics()
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-            (self.out / PREEMPTED).unlink(missing_ok=True)      # finished: nothing to requeue
+            resuming.clear_marker(self.out, self.ckpt_root)    # finished: nothing to requeue
             print(json.dumps(metrics, indent=2))
         acc.end_training()      # closes the trackers (and, in accelerate >= 1.x, the process group)
+        final = ckpt.complete_checkpoints(self.ckpt_root)[-1:]
+        if acc.is_main_process and final and final[0].name == f"step-{self.step:08d}":
+            # the outputs as they are now, for a re-run to find (pipeline/resume.py)
+            resuming.record_finished(final[0], self.out)
         return result
 
 
@@ -473,28 +490,10 @@ def data_wait_hint(share: float, stage: str, loader: LoaderSection, steps: tuple
             f"needs: benchmarks/RESULTS.md)")
 
 
-def _resumable(section: TrainSection) -> dict[str, Any]:
-    """The recipe keys that change the run's result: not logging, loaders, checkpointing, or how
-    the global batch is split into micro-batches (so a run can resume on more or fewer GPUs)."""
-    d = to_dict(section)
-    for k in ("micro_batch", "log_every", "checkpoint_every", "keep_checkpoints", "loader",
-              "trackers", "compile", "channels_last", "precision", "nan_policy"):
-        d.pop(k, None)
-    return d
-
-
-def _find_resume(resume: str, root: Path) -> Path | None:
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = ckpt.complete_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise ckpt.CheckpointError(f"--resume {resume}: not a complete checkpoint folder "
-                                   f"(expected meta.json inside); complete ones under {root}: "
-                                   f"{[p.name for p in ckpt.complete_checkpoints(root)]}")
-    return path
+def identity(job: Job, split: SplitInfo) -> Identity:
+    """What makes a run of `job` the same run (the checkpoint folder's name; pipeline/resume.py)."""
+    return Identity(job.stage, resuming.settings(job.section), tuple(split.urls),
+                    tuple(split.shard_lengths), job.init_fingerprint)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

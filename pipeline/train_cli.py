@@ -1,17 +1,24 @@
 """Command-line plumbing of the two training stages (pretrain, finetune): their shared flags, the
-training data they read, the plan / --dry-run, and running the job with the exit codes."""
+training data they read, the plan / --dry-run, claiming the output folder (its lock, what to
+resume) and running the job with the exit codes."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from pipeline import resume as resuming
 from pipeline import runtime, train
+from pipeline.checkpoint import CheckpointError
 from pipeline.cli import fail
 from pipeline.data.manifest import ManifestError, load_split, read_manifest
+from pipeline.io import WriteError
 from pipeline.plan import Plan, dry_run_report, make_plan
 from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
 from pipeline.recipe import TrainSection
+from pipeline.run_lock import OutLocked, RunLock
 
 
 def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
@@ -22,7 +29,13 @@ def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
                          "'pipe:aws s3 cp s3://bucket/shards/{name} -' (manifest from --shards)")
     ap.add_argument("--out", type=Path, default=Path(f"runs/{stage}"), help="output folder")
     ap.add_argument("--resume", default="auto",
-                    help="auto (newest complete checkpoint of this recipe), none, or a checkpoint folder")
+                    help="auto: continue the newest complete checkpoint of these settings (refuse "
+                         "when --out holds only other settings' checkpoints); matching: the same, "
+                         "else start beside them (dvc.yaml); none: train from step 0 (removes "
+                         "these settings' checkpoints); or a checkpoint folder")
+    ap.add_argument("--break-lock", action="store_true",
+                    help="take --out even if a run on another host holds its lock (run.lock): "
+                         "only when that run is certainly dead")
     ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
                     help="print the resolved plan and exit (no training, shards optional)")
     ap.add_argument("--log-samples", type=Path, metavar="DIR",
@@ -51,14 +64,78 @@ def training_data(args: argparse.Namespace, section: TrainSection, stage: str
     fail("--shards is required (the output folder of the shard stage)")
 
 
-def train_and_finish(job: train.Job, debug: bool = False) -> int:
-    """Run a training job (pipeline.train: checkpoints, model folder, metrics.json). The ends a
-    user can meet, each as one line (a traceback with --debug):
-        0   finished
-        1   stopped: the loss became NaN or infinite, or training data could not be read
+def train_and_finish(job: train.Job, plan: Plan, args: argparse.Namespace,
+                     write_resolved: Callable[[], object]) -> int:
+    """Claim `job.out` (its lock, then what `--resume` continues: pipeline/resume.py), write the
+    resolved recipe (`write_resolved`) and run the job (pipeline.train: checkpoints, model
+    folder, metrics.json). The ends a user can meet, each as one line (a traceback with --debug):
+        0   finished (or finished before: nothing to do, or its outputs put back)
+        1   stopped: the loss became NaN or infinite, training data could not be read, or an
+            output could not be written (disk full, read-only)
+        2   --out is held by a live run, or holds checkpoints of other settings (nothing written)
         75  stopped by SIGTERM / SIGUSR1 / SIGINT with a complete checkpoint: run the same
             command again to resume (a scheduler can requeue on 75; <out>/PREEMPTED.json too)
         130 aborted by a second Ctrl-C (the newest complete checkpoint is intact)"""
+    decision, lock = claim_out(job, plan, args.break_lock)
+    try:
+        if decision.kind == "finished":
+            return _finished(job, plan, Path(decision.checkpoint))
+        if runtime.is_main_process():
+            if decision.note:
+                print(f"[{job.stage}] {decision.note}", flush=True)
+            write_resolved()
+        job = dataclasses.replace(job, resume=decision.checkpoint or "none")
+        return _train(job, args.debug)
+    except WriteError as e:
+        if args.debug:
+            raise
+        _fail_once(str(e), code=1)
+    finally:
+        if lock is not None:
+            lock.release()
+    return 0
+
+
+def claim_out(job: train.Job, plan: Plan, break_lock: bool = False
+              ) -> tuple[resuming.Decision, RunLock | None]:
+    """On the first process: take `job.out`'s lock, then decide what the run continues; every
+    process gets the decision. Exits 2 (one line, nothing written) when a live run holds the
+    folder or its checkpoints cannot be continued with these settings."""
+    lock, verdict = None, None
+    if runtime.is_main_process():
+        try:
+            lock = RunLock.acquire(job.out, break_lock)
+            split = load_split(job.shards, "train", job.shard_url)
+            verdict = resuming.decide(job.out, train.identity(job, split), job.resume,
+                                      plan.total_steps)
+        except (OutLocked, resuming.Refused, CheckpointError) as e:
+            if lock is not None:
+                lock.release()
+            verdict = str(e)
+    if runtime.num_processes() > 1:
+        from accelerate.utils import broadcast_object_list
+        verdict = broadcast_object_list([verdict])[0]
+    if isinstance(verdict, str):
+        _fail_once(verdict, code=2)
+    return verdict, lock
+
+
+def _finished(job: train.Job, plan: Plan, checkpoint: Path) -> int:
+    """The run in `job.out` is finished: say so in one line, after putting back any of its
+    outputs that something removed or replaced (`dvc repro -f`, another experiment's)."""
+    if runtime.is_main_process():
+        differ = resuming.outputs_differ(checkpoint, job.out)
+        if differ:
+            resuming.restore_outputs(checkpoint, job.out, differ)
+        done = (f"put back {', '.join(differ)} as the run left them" if differ else
+                "nothing to do (its outputs are as it left them)")
+        print(f"[{job.stage}] {job.out} is finished: step {plan.total_steps} of "
+              f"{plan.total_steps} ({checkpoint}); {done}. To train again from step 0: "
+              f"--resume none", flush=True)
+    return 0
+
+
+def _train(job: train.Job, debug: bool) -> int:
     try:
         train.run(job)
     except train.Preempted as e:

@@ -25,13 +25,11 @@ crop and interpolation to the evaluate stage), checkpoints/, metrics.json, recip
 """
 from __future__ import annotations
 
-import sys
-
 from pipeline import checkpoint as ckpt
 from pipeline import runtime, train
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.lineage import data_lineage
-from pipeline.preemption import hold_stop_signals
+from pipeline.preemption import hold_stop_signals, stage_exit
 from pipeline.recipe import write_resolved
 from pipeline.train_cli import add_training_args, plan_or_exit, train_and_finish, training_data
 from pipeline.transfer import (
@@ -78,14 +76,15 @@ def _main(argv: list[str] | None) -> int:
     if runtime.is_main_process():
         for m in messages:
             print(f"[finetune] {m}")
-    write_resolved(recipe, "finetune", args.out,
-                   {**plan.as_dict(), "init": args.init, **data_lineage(args.shards, args.shard_url)},
-                   args.overrides)
     job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
                     init_fingerprint=src.fingerprint, record_keys=args.log_samples,
                     shard_url=args.shard_url)
-    return train_and_finish(job, args.debug)
+    # written once the output folder is this run's (its lock, a run to continue or start)
+    return train_and_finish(job, plan, args, lambda: write_resolved(
+        recipe, "finetune", args.out,
+        {**plan.as_dict(), "init": args.init, **data_lineage(args.shards, args.shard_url)},
+        args.overrides))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage_exit(main)

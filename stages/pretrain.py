@@ -12,13 +12,11 @@ Reads `<shards>/_info.json` and its `train` (and, if present, `val`) split. Writ
 """
 from __future__ import annotations
 
-import sys
-
 from pipeline import checkpoint as ckpt
 from pipeline import train
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.lineage import data_lineage
-from pipeline.preemption import hold_stop_signals
+from pipeline.preemption import hold_stop_signals, stage_exit
 from pipeline.recipe import write_resolved
 from pipeline.train_cli import add_training_args, plan_or_exit, train_and_finish, training_data
 from pipeline.variants import build_model, get_variant
@@ -53,12 +51,13 @@ def _main(argv: list[str] | None) -> int:
                                 "recipe": recipe.name}, variant.crop_mode)
     plan = plan_or_exit(args, section, "pretrain", num_samples, model, config)
 
-    write_resolved(recipe, "pretrain", args.out,
-                   {**plan.as_dict(), **data_lineage(args.shards, args.shard_url)}, args.overrides)
     job = train.Job("pretrain", section, model, args.shards, args.out, config, resume=args.resume,
                     record_keys=args.log_samples, shard_url=args.shard_url)
-    return train_and_finish(job, args.debug)
+    # written once the output folder is this run's (its lock, a run to continue or start)
+    return train_and_finish(job, plan, args, lambda: write_resolved(
+        recipe, "pretrain", args.out, {**plan.as_dict(), **data_lineage(args.shards, args.shard_url)},
+        args.overrides))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage_exit(main)

@@ -44,6 +44,7 @@ from pipeline import checkpoint as ckpt
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.export import PublishError, export_folder, metrics_for, weights_to_publish
 from pipeline.hub import push
+from pipeline.io import WriteError
 from pipeline.lineage import (
     evaluation_notes,
     lineage_recipes,
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                                {"recipes/publish.resolved.yaml": publish_yaml}, repo, unchecked)
     except (PublishError, ckpt.CheckpointError) as e:
         fail(str(e))
+    except WriteError as e:                 # disk full, read-only: one line, nothing half-written
+        fail(str(e), 1)
     print(f"[publish] wrote {folder} ({section.weights} weights; load it with "
           f"timm.create_model('local-dir:{folder}', pretrained=True))")
     return _push(args, section, folder, repo) if repo else 0

@@ -34,6 +34,7 @@ from pipeline.data.source import Source, SourceError
 from pipeline.data.sources import open_source
 from pipeline.data.verify import verify
 from pipeline.data.writer import ShardError, SplitStats, default_workers, write_shards
+from pipeline.io import WriteError
 from pipeline.recipe import ShardSection, write_resolved
 
 
@@ -66,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     workers = workers or default_workers()
 
     source = _open(args.source, section, args.out)
-    write_resolved(recipe, "shard", args.out, overrides=args.overrides, resolved={
-        "workers": workers, "source": args.source, "source_kind": source.kind,
-        "num_classes": len(source.class_names),
-        "source_samples": {s: len(v) for s, v in source.splits.items()}})
     try:
+        write_resolved(recipe, "shard", args.out, overrides=args.overrides, resolved={
+            "workers": workers, "source": args.source, "source_kind": source.kind,
+            "num_classes": len(source.class_names),
+            "source_samples": {s: len(v) for s, v in source.splits.items()}})
         stats = write_shards(source, args.out, section, workers=workers, progress=not args.quiet)
-    except ShardError as e:
+    except (ShardError, WriteError) as e:  # WriteError: disk full, read-only (one line)
         fail(str(e), 1)
     _print_stats(stats, workers)
     print(f"wrote {args.out / '_info.json'}")

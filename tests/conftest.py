@@ -177,3 +177,40 @@ def demo_shards(demo_raw, tmp_path_factory) -> dict[str, Path]:
                   str(demo_raw / part), "--out", str(out[part]), "--workers", "1", "--quiet",
                   "shard.shard_size=64", "shard.max_size=48")
     return out
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """`mount(size)`: a folder on a new filesystem of `size` (e.g. "3m") to fill for real: a
+    tmpfs, else a loop-mounted ext2 image; unmounted at the end. Needs root (CAP_SYS_ADMIN):
+    skipped with the reason otherwise."""
+    mounted: list[Path] = []
+
+    def mount(size: str, name: str = "fs") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        tries = [["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]]
+        image = tmp_path / f"{name}.img"
+        if shutil.which("mkfs.ext2"):
+            tries.append(["sh", "-c", f"truncate -s {size} {image} && mkfs.ext2 -q -m 0 {image} "
+                                      f"&& mount -o loop {image} {folder}"])
+        errors = []
+        for cmd in tries:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode == 0:
+                mounted.append(folder)
+                return folder
+            errors.append(p.stderr.strip() or f"{cmd[0]} exited {p.returncode}")
+        pytest.skip(f"cannot mount a small filesystem to fill (needs root or CAP_SYS_ADMIN): "
+                    f"{'; '.join(errors)}")
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Fill `folder`'s filesystem with one file, leaving `leave` bytes free."""
+    free = shutil.disk_usage(folder).free
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))

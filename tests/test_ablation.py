@@ -42,8 +42,8 @@ def output(p: subprocess.CompletedProcess) -> str:
 def test_pretrain_command_runs_the_script_it_is_given(tmp_path):
     script = tmp_path / "elsewhere" / "pretrain.py"
     cmd = pretrain_command("python", script, "r.yaml", "shards", tmp_path / "out", ["a.b=1"])
-    assert cmd == [sys.executable, str(script), "--recipe", "r.yaml", "--shards", "shards",
-                   "--out", str(tmp_path / "out"), "a.b=1"]
+    assert cmd == [sys.executable, str(script), "--resume", "matching", "--recipe", "r.yaml",
+                   "--shards", "shards", "--out", str(tmp_path / "out"), "a.b=1"]
     launch = pretrain_command("accelerate launch --num_processes 8", script, "r", "s", tmp_path, [])
     assert launch[:5] == ["accelerate", "launch", "--num_processes", "8", str(script)]
 

@@ -1,6 +1,9 @@
 """`dvc repro` on a fresh copy of the project: the whole demo chain, as the README's quick start
 runs it. The default suite runs it with fewer epochs (about 2 minutes less); the slow suite runs
-the README's recipe as it is and checks the figures the README states."""
+the README's recipe as it is and checks the figures the README states. Then what a user does
+next: `dvc repro -f` of a finished training stage, and experiments that round-trip
+(`dvc exp run -S variant=demo_bn`, `dvc exp show`, `dvc exp apply` of either, and back)."""
+import hashlib
 import json
 
 import pytest
@@ -115,32 +118,72 @@ def test_editing_the_publishing_code_leaves_the_training_stages_up_to_date(clone
     assert not after & {"shard@pretrain", "shard@finetune", "pretrain", "finetune", "evaluate"}
 
 
+def outputs(project, published: bool = True) -> dict[str, str]:
+    """sha256 of every file of the chain's declared outputs but the shards: models, resolved
+    recipes, metrics, dvclive and evaluate plots, and (`published`) the published folder."""
+    found = [p for d in ("runs", "publish")[:2 if published else 1] for p in (project / d).rglob("*")
+             if p.is_file() and "checkpoints" not in p.parts and not (
+                 "dvclive" in p.parts and "plots" not in p.parts)]
+    return {p.relative_to(project).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in found}
+
+
+def test_dvc_repro_force_of_a_finished_training_stage_changes_nothing(clone, repro):
+    """DVC removes a stage's outputs before it runs the command; the same command on the
+    finished run puts them back from its final checkpoint, byte for byte, without training."""
+    before = outputs(clone)
+    out = sh("dvc", "repro", "-f", "-s", "pretrain", cwd=clone)
+    assert "Running stage 'pretrain'" in out and "runs/pretrain is finished: step" in out
+    assert "put back model/, metrics.json, recipe.resolved.yaml, dvclive/" in out
+    assert outputs(clone) == before
+    assert "pretrain" not in json.loads(sh("dvc", "status", "--json", "dvc.yaml", cwd=clone))
+
+
 def _experiments(project) -> dict[str, tuple[str, float]]:
-    """{name (or the commit's branch): (variant, evaluate top-1)} from `dvc exp show --json`."""
+    """{name (or the commit's branch): (variant, evaluate top-1)} from `dvc exp show --json`;
+    every row must have every metrics file (no `!` in the table)."""
     rows = {}
     for commit in json.loads(sh("dvc", "exp", "show", "--json", cwd=project)):
         revs = [commit] + [r for e in commit.get("experiments") or [] for r in e.get("revs") or []]
         for r in revs:
             data = r.get("data") or {}
             variant = data["params"]["params.yaml"]["data"]["variant"]
-            metric = data["metrics"]["runs/evaluate/metrics.json"]
-            assert "error" not in metric, (r.get("name"), metric)        # `!` in the table
-            rows[r.get("name") or r["rev"]] = (variant, metric["data"]["top1"])
+            metrics = data["metrics"]
+            assert set(metrics) == {f"runs/{s}/metrics.json" for s in ("pretrain", "finetune",
+                                                                        "evaluate")}
+            for name, metric in metrics.items():
+                assert "error" not in metric, (r.get("name"), name, metric)    # `!` in the table
+            rows[r.get("name") or r["rev"]] = (variant, metrics["runs/evaluate/metrics.json"]
+                                               ["data"]["top1"])
     return rows
 
 
-def test_experiments_show_their_metrics_side_by_side(clone, repro):
+def test_experiments_show_their_metrics_side_by_side_and_apply_both_ways(clone, repro):
     """The README's comparison: commit the demo's results, run the BN demo as an experiment, and
-    `dvc exp show` has both top-1s (no `!`). Last in this file: the experiment's results stay in
-    the workspace."""
+    `dvc exp show` has both top-1s (no `!`). Then back to the demo as an experiment (the
+    finished runs are not trained again), and `dvc exp apply` of each in turn leaves exactly
+    that experiment's outputs in the workspace. Last in this file: the workspace is changed."""
     top1 = metrics_of(clone)["runs/evaluate/metrics.json"]["data"]["top1"]
     tracked = run(["git", "ls-files", "--others", "--exclude-standard", "runs"], cwd=clone).stdout
     assert sorted(tracked.split()) == [f"runs/{s}/metrics.json" for s in ("evaluate", "finetune",
                                                                           "pretrain")]
     run(["git", "add", "-A"], cwd=clone)
     run(["git", "commit", "-qm", "the demo's results"], cwd=clone)
-    out = sh("dvc", "exp", "run", "-n", "bn", "-S", "variant=demo_bn", "evaluate", cwd=clone)
+    demo = outputs(clone, published=False)   # the tests above left publish behind evaluate
+    # the whole chain, as the README has it: an experiment of part of it cannot be applied
+    # (DVC finds no hash for the publish stage's folder of the new variant)
+    out = sh("dvc", "exp", "run", "-n", "bn", "-S", "variant=demo_bn", cwd=clone)
     assert "Running stage 'pretrain'" in out
+    bn = outputs(clone, published=False)
     rows = _experiments(clone)
     assert rows["bn"][0] == "demo_bn" and rows["bn"][1] > 20                 # chance: 20%
     assert ("demo", top1) in rows.values()                            # the committed baseline
+
+    back = sh("dvc", "exp", "run", "-n", "demo", "-S", "variant=demo", cwd=clone)
+    assert "pretrain:" not in back                  # no step trained (put back, or DVC's cache)
+    assert outputs(clone, published=False) == demo
+    for name, expected in (("bn", bn), ("demo", demo)):
+        applied = sh("dvc", "exp", "apply", name, cwd=clone)
+        assert f"Changes for experiment '{name}' have been applied" in applied
+        assert outputs(clone, published=False) == expected, name
+    assert _experiments(clone)["demo"][1] == top1

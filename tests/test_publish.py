@@ -7,6 +7,7 @@ tests/fakehub.py's recording fake). The library parts on their own: tests/test_e
 test_model_card.py, test_lineage.py, test_hub.py."""
 import json
 import shutil
+import subprocess
 
 import pytest
 import timm
@@ -16,7 +17,7 @@ from fakehub import SECRET, FakeHub, http_error
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, files_in, run_stage, run_stage_in_process, stage_main, tiny_model_dir
+from conftest import ROOT, files_in, fill, run_stage, run_stage_in_process, stage_main, tiny_model_dir
 from pipeline.checkpoint import load_model_dir
 from pipeline.data.manifest import read_manifest
 from pipeline.io import sha256_file
@@ -183,6 +184,29 @@ def test_refuses_tensors_that_do_not_match_the_architecture(trained, tmp_path, c
     expected = {"reshape": "head.fc.weight (6, 256)", "drop": "missing ['stem.conv1.weight']",
                 "nan": "non-finite values in ['stages.0.0.conv1.weight']"}[tamper]
     assert expected in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("trouble", ["read-only", "full"])
+def test_a_read_only_or_full_destination_is_one_line_and_leaves_the_old_folder(
+        trained, published, small_filesystem, capsys, trouble):
+    """A published folder already there (a previous release), then a publish onto a read-only
+    or too small filesystem: exit 1, one line naming the folder and the bytes it needs; the old
+    folder as it was, nothing half-written beside it."""
+    fs = small_filesystem("2m")
+    out = fs / "pub"
+    shutil.copytree(published, out)
+    before = {f: (out / f).read_bytes() for f in files_in(out)}
+    if trouble == "read-only":
+        subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    else:
+        fill(fs, 100_000)
+    assert publish(trained, out, "--force") == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: could not write the published folder "
+                                                   f"to {out}: ")
+    assert ("read-only filesystem (EROFS)" if trouble == "read-only" else "(ENOSPC); it needs") in error[0]
+    assert {f: (out / f).read_bytes() for f in files_in(out)} == before
+    assert sorted(p.name for p in fs.iterdir()) == sorted(["pub"] + (["filler"] if trouble == "full" else []))
 
 
 @pytest.mark.parametrize("network", [{"HF_HUB_OFFLINE": "1"},

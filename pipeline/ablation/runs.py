@@ -62,12 +62,14 @@ def divergence(metrics: dict | None, num_classes: int | None) -> str:
 def pretrain_command(launcher: str, script: str | Path, recipe: str, shards: str, out: Path,
                      overrides: list[str]) -> list[str]:
     """The pretrain stage's command line: `launcher` (`python` is this interpreter, or e.g.
-    `accelerate launch --multi_gpu --num_processes 8`), then `script` (stages/pretrain.py)."""
+    `accelerate launch --multi_gpu --num_processes 8`), then `script` (stages/pretrain.py).
+    `--resume matching`: a cell whose settings changed (the sweep's overrides) starts beside its
+    old checkpoints, as the sweep means it to, instead of being refused (pipeline/resume.py)."""
     words = shlex.split(launcher)
     if words in (["python"], ["python3"]):
         words = [sys.executable]
-    return [*words, str(script), "--recipe", recipe, "--shards", str(shards), "--out", str(out),
-            *overrides]
+    return [*words, str(script), "--resume", "matching", "--recipe", recipe, "--shards",
+            str(shards), "--out", str(out), *overrides]
 
 
 def is_done(run: Path, recipe: str, shards: str, overrides: list[str]) -> bool:

@@ -38,7 +38,7 @@ from webdataset import TarWriter
 from pipeline.data.images import encode_image
 from pipeline.data.manifest import manifest_path, write_manifest
 from pipeline.data.source import Source
-from pipeline.io import atomic_write_text, sha256_file
+from pipeline.io import WriteError, atomic_write_text, explain_write, human_bytes, sha256_file
 from pipeline.recipe import ShardSection, to_dict
 
 KEYS = {"image": "jpg", "label": "cls", "meta": "json"}
@@ -154,7 +154,7 @@ def _run_shard(task: tuple[ShardPlan, dict | None]) -> dict:
     # Some libraries switch this on process-wide; it would pad truncated images with grey.
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with open(tmp, "wb") as f:
+        with _explained(plan, path, tmp, lambda: count), open(tmp, "wb") as f:
             # webdataset's writer, with mtime/owner/mode fixed for byte-identical tars.
             with TarWriter(f, user="nfnet", group="nfnet", mode=0o444, encoder=False,
                            mtime=TAR_MTIME) as tw:
@@ -175,6 +175,19 @@ def _run_shard(task: tuple[ShardPlan, dict | None]) -> dict:
     return {"split": plan.split, "shard": plan.shard, "file": plan.filename,
             "plan": plan.plan_sha256, "sha256": sha256_file(path), "count": count,
             "skipped": skipped}
+
+
+def _explained(plan: ShardPlan, path: Path, tmp: Path, count: Callable[[], int]):
+    """io.explain_write for one shard: on a full disk, its size is estimated from the samples
+    written so far."""
+    def written() -> int | None:
+        return tmp.stat().st_size if tmp.exists() else None
+
+    def estimate() -> int | None:
+        n, size = count(), written()
+        return size * len(plan.indices) // n if n and size else None
+    return explain_write(path, f"shard {plan.filename} ({len(plan.indices)} samples)",
+                         written=written, estimate=estimate)
 
 
 def _encode_sample(src, i: int, st: _State, skipped: list) -> dict | None:
@@ -277,10 +290,25 @@ def _write_split(source, out, split, plans, previous, section, workers, progress
                 on_result(_run_shard(t))
         else:
             _run_pool(tasks, min(workers, len(tasks)), state, bar, on_result)
+    except WriteError as e:
+        raise WriteError(f"{e}. {_still_needed(out, plans, done)}") from None
     finally:
         bar.close()
         _init_worker(None, out, None, 0)        # drop the in-process reference to the source
     return sorted(done, key=lambda r: r["shard"])
+
+
+def _still_needed(out: Path, plans: list[ShardPlan], done: list[dict]) -> str:
+    """What the split's unwritten shards need, at the written shards' bytes per sample."""
+    written = [r for r in done if (out / r["file"]).is_file()]
+    samples = sum(r["count"] for r in written)
+    if not samples:
+        return "Finished shards are kept and reused when the stage runs again"
+    per_sample = sum((out / r["file"]).stat().st_size for r in written) / samples
+    left = sum(len(p.indices) for p in plans) - sum(r["count"] + len(r["skipped"]) for r in done)
+    return (f"The split's {len(plans) - len(done)} unwritten shards need about "
+            f"{human_bytes(per_sample * left)} more ({human_bytes(per_sample)} a sample so far); "
+            f"finished shards are kept and reused when the stage runs again")
 
 
 def _run_pool(tasks, workers: int, state: tuple, bar, on_result) -> None:
@@ -322,7 +350,7 @@ def _read_journal(out: Path) -> dict[str, dict]:
 
 
 def _append_journal(out: Path, rec: dict) -> None:
-    with open(out / JOURNAL, "a") as f:
+    with explain_write(out / JOURNAL, "the shard journal"), open(out / JOURNAL, "a") as f:
         f.write(json.dumps({k: v for k, v in rec.items() if k != "reused"}) + "\n")
         f.flush()
         os.fsync(f.fileno())
