@@ -52,8 +52,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.data.examples import ExampleRecipe  # noqa: E402
+from pipeline.data.loader import make_loader  # noqa: E402
 from pipeline.data.manifest import load_split  # noqa: E402
-from pipeline.data.reader import Cursor, TrainStreams, iter_order, make_loader  # noqa: E402
+from pipeline.data.reader import Cursor, TrainStreams, iter_order  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 
 WARMUP = 6     # fetches before measuring: a fresh worker's first fetches pay copy-on-write faults

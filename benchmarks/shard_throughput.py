@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.images import encode_image, target_size, to_rgb  # noqa: E402
-from pipeline.data.sources import open_source  # noqa: E402
+from pipeline.data.open_source import open_source  # noqa: E402
 from pipeline.data.writer import write_shards  # noqa: E402
 from pipeline.recipe import ShardSection  # noqa: E402
 

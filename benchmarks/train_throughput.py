@@ -211,9 +211,10 @@ def loader_bench(shards: Path, res: int, batch: int, workers: int, decode: str, 
     (examples made in the loader workers), `sync` (made on the device in this thread) or
     `prefetch` (pipeline/data/prefetch.py's thread and side stream)."""
     from pipeline.data.examples import ExampleRecipe
+    from pipeline.data.loader import make_loader, micro_batches
     from pipeline.data.manifest import load_split
     from pipeline.data.prefetch import DevicePrefetcher, prepare
-    from pipeline.data.reader import Cursor, TrainStreams, make_loader, micro_batches
+    from pipeline.data.reader import Cursor, TrainStreams
     from pipeline.data.transforms import normalize
     examples = ExampleRecipe.of(res, _augment(recipe, pairs))
     w = max(1, workers)

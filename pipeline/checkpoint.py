@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline import std_conv
 from pipeline.data.transforms import MEAN, STD
-from pipeline.io import atomic_dir
+from pipeline.files import atomic_dir
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpoint as ckpt
+from pipeline.data.loader import EvalShards, make_loader
 from pipeline.data.manifest import SplitInfo
-from pipeline.data.reader import EvalShards, make_loader
 from pipeline.data.transforms import MEAN, STD, eval_transform, normalize
 from pipeline.runtime import compile_model
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.io import atomic_dir, sha256_file
+from pipeline.files import atomic_dir, sha256_file
 from pipeline.lineage import run_data, scored_record, shard_data
 from pipeline.model_card import model_card
 from pipeline.recipe import PublishSection

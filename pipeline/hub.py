@@ -14,7 +14,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
 
 from pipeline.export import WEIGHTS, PublishError
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 
 
 class HubUnreachable(PublishError):

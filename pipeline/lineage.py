@@ -17,7 +17,7 @@ import yaml
 
 from pipeline import checkpoint as ckpt
 from pipeline.data.manifest import ManifestError, manifest_path, read_manifest
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 
 # An init that is no model folder: from scratch (`none:<variant>`) or another timm model's weights.
 _NOT_A_FOLDER = ("none:", "timm:")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.io import atomic_write_text
+from pipeline.files import atomic_write_text
 
 
 class RecipeError(ValueError):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint as ckpt
-from pipeline.io import atomic_dir, atomic_write_bytes
+from pipeline.files import atomic_dir, atomic_write_bytes
 from pipeline.recipe import TrainSection, to_dict
 
 # The recipe keys that may change across a resume (the one list; the README repeats it): how the

@@ -36,22 +36,13 @@ from pipeline.agc import AGC
 from pipeline.batchnorm import prepare_batchnorm, train_mode
 from pipeline.data.batch import BadSample
 from pipeline.data.examples import ExampleRecipe
+from pipeline.data.loader import BadSampleLog, Waited, checked, make_loader, micro_batches
 from pipeline.data.manifest import SplitInfo, load_split, read_manifest, split_name
 from pipeline.data.prefetch import DevicePrefetcher
-from pipeline.data.reader import (
-    BadSampleLog,
-    Cursor,
-    TrainStreams,
-    Waited,
-    advance,
-    checked,
-    make_loader,
-    micro_batches,
-    rescale_cursor,
-)
+from pipeline.data.reader import Cursor, TrainStreams, advance, rescale_cursor
 from pipeline.data.shard_reader import DataError
 from pipeline.evaluate import validate
-from pipeline.io import atomic_dir, atomic_write_text
+from pipeline.files import atomic_dir, atomic_write_text
 from pipeline.plan import Plan, make_plan
 from pipeline.preemption import Preempted, RunControl
 from pipeline.recipe import LoaderSection, TrainSection, to_dict
@@ -166,7 +157,7 @@ class Trainer:
         self.agc = AGC.for_model(model, s.clip_factor, s.agc_eps) if s.clip_factor else None
         self.ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
         self.scheduler = build_scheduler(self.optimizer, self.plan)
-        # not the loader: see reader.make_loader
+        # not the loader: see loader.make_loader
         self.ddp_model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.forward = runtime.compile_model(self.ddp_model) if s.compile else self.ddp_model
         self.identity = identity(job, self.split)

@@ -14,7 +14,7 @@ from pipeline import runtime, train
 from pipeline.checkpoint import CheckpointError
 from pipeline.cli import fail
 from pipeline.data.manifest import ManifestError, load_split, read_manifest
-from pipeline.io import WriteError
+from pipeline.files import WriteError
 from pipeline.plan import Plan, dry_run_report, make_plan
 from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
 from pipeline.recipe import TrainSection

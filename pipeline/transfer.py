@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline.dm_checkpoint import DeepMindCheckpointError, infer_variant, read_params, to_timm_state
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 from pipeline.recipe import FinetuneSection
 from pipeline.variants import VARIANTS, build_model, set_stochastic_depth
 

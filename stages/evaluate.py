@@ -31,7 +31,7 @@ from pipeline import runtime
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.data.manifest import ManifestError, load_split
 from pipeline.evaluate import load_models, validate, write_plots
-from pipeline.io import atomic_write_text, sha256_file
+from pipeline.files import atomic_write_text, sha256_file
 from pipeline.lineage import data_lineage
 from pipeline.recipe import write_resolved
 

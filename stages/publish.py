@@ -43,8 +43,8 @@ from typing import Any
 from pipeline import checkpoint as ckpt
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.export import PublishError, export_folder, metrics_for, weights_to_publish
+from pipeline.files import WriteError
 from pipeline.hub import push
-from pipeline.io import WriteError
 from pipeline.lineage import (
     evaluation_notes,
     lineage_recipes,

@@ -30,11 +30,11 @@ from pathlib import Path
 
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.data.manifest import ManifestError
+from pipeline.data.open_source import open_source
 from pipeline.data.source import Source, SourceError
-from pipeline.data.sources import open_source
 from pipeline.data.verify import verify
 from pipeline.data.writer import ShardError, SplitStats, default_workers, write_shards
-from pipeline.io import WriteError
+from pipeline.files import WriteError
 from pipeline.recipe import ShardSection, write_resolved
 
 

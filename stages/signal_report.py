@@ -27,7 +27,7 @@ import torch
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.data.manifest import ManifestError, read_manifest
 from pipeline.recipe import RecipeError, load_recipe, write_resolved
-from pipeline.signal import gaussian_like, image_batch, measure, summarise, write_report
+from pipeline.signal_propagation import gaussian_like, image_batch, measure, summarise, write_report
 from pipeline.variants import build_model, get_variant
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_stage_in_process
 from pipeline import checkpoint as ckpt
-from pipeline.io import WriteError
+from pipeline.files import WriteError
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
@@ -41,7 +41,7 @@ def test_a_failure_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(WriteError, match="the checkpoint of step 20"):   # one line (test_io.py)
+    with pytest.raises(WriteError, match="the checkpoint of step 20"):   # one line (test_files.py)
         ckpt.save_checkpoint(tmp_path, 20, model, None, _state(20), {}, keep=1)
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000010"]     # no debris, old kept
     assert {p.name: p.read_bytes() for p in (tmp_path / "step-00000010").iterdir()} == before

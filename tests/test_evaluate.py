@@ -15,10 +15,10 @@ from PIL import Image
 
 from conftest import ROOT, run_stage_in_process, torchrun
 from pipeline.checkpoint import model_config, save_model_dir
+from pipeline.data.loader import EvalShards, make_loader
 from pipeline.data.manifest import load_split, manifest_path, write_manifest
-from pipeline.data.reader import EvalShards, make_loader
 from pipeline.evaluate import eval_settings
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")

@@ -21,7 +21,7 @@ from pipeline.export import (
     metrics_for,
     weights_to_publish,
 )
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 from pipeline.variants import build_model, count_params
 
 RECIPE = ROOT / "recipes" / "demo.yaml"

@@ -9,8 +9,8 @@ from fakehub import SECRET, FakeHub, http_error
 
 from conftest import files_in, publish_section, tiny_model_dir
 from pipeline.export import PublishError, export_folder
+from pipeline.files import sha256_file
 from pipeline.hub import HubRejected, HubUnreachable, push
-from pipeline.io import sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 import yaml
 
 from pipeline.data.manifest import manifest_path, write_manifest
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 from pipeline.lineage import (
     evaluation_notes,
     lineage_recipes,

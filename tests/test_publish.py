@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, files_in, fill, run_stage, run_stage_in_process, stage_main, tiny_model_dir
 from pipeline.checkpoint import load_model_dir
 from pipeline.data.manifest import read_manifest
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 FILES = {"model.safetensors", "config.json", "README.md", "metrics.json", "SHA256SUMS",

@@ -11,15 +11,13 @@ import torch
 from conftest import ROOT
 from pipeline.data.batch import Batch
 from pipeline.data.examples import ExampleRecipe
+from pipeline.data.loader import EvalShards, make_loader, micro_batches
 from pipeline.data.manifest import load_split
 from pipeline.data.reader import (
     Cursor,
-    EvalShards,
     StreamLayout,
     TrainStreams,
     advance,
-    make_loader,
-    micro_batches,
     rescale_cursor,
     shard_order,
 )

@@ -25,11 +25,11 @@ from PIL import Image
 from conftest import ROOT, stage_main
 from pipeline.data.folder_source import FolderSplit
 from pipeline.data.manifest import read_manifest
+from pipeline.data.open_source import open_source
 from pipeline.data.source import NameTable, Source
-from pipeline.data.sources import open_source
 from pipeline.data.verify import verify
 from pipeline.data.writer import permutation, plan_split
-from pipeline.io import sha256_file
+from pipeline.files import sha256_file
 from pipeline.recipe import load_recipe
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.ablation.runs import divergence, read_run
 from pipeline.ablation.table import csv_text, write_table
-from pipeline.io import atomic_write_text
+from pipeline.files import atomic_write_text
 
 AGC_FIELDS = ["clip", "clip_factor", "global_batch", "lr", "steps", "val_top1", "val_top1_raw",
               "val_nll", "train_loss", "skipped_steps", "status", "train_time_s", "run"]

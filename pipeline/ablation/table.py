@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from pipeline.io import atomic_write_text
+from pipeline.files import atomic_write_text
 
 
 def csv_text(rows: list[dict], fields: list[str]) -> str:

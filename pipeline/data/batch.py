@@ -12,7 +12,7 @@ device. The training step only ever sees a `Batch`.
 
 A loader worker that meets unusable data (a shard changed since sharding) yields a `LoaderFailure`
 instead, so the training process can stop with one clear line rather than a worker traceback;
-`pipeline.data.reader.checked` turns it into DataError before the step.
+`pipeline.data.loader.checked` turns it into DataError before the step.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 
 class BadSample(NamedTuple):
@@ -64,7 +65,7 @@ class Batch:
     def __reduce__(self):
         """How a batch leaves a loader worker: its small tensors by value, its images by
         reference to the shared memory the worker wrote them in (a ring of buffers it reuses:
-        examples.batch_buffer), copied out on arrival (`_arrived`). A fresh shared-memory segment
+        batch_buffer), copied out on arrival (`_arrived`). A fresh shared-memory segment
         per fetch cost the worker 6 ms of page faults per 32 examples on the dev VM (4% of the CPU
         path); small tensors through shared memory, 3.5 ms more."""
         return (_arrived, (self.images, self.labels.numpy(), self.labels_b.numpy(),
@@ -125,6 +126,26 @@ class Encoded:
 
     def pin_memory(self) -> Encoded:
         return Encoded(self.jpeg.pin_memory(), self.offsets, self.draws, self.batch)
+
+
+PREFETCH = 4        # fetches a loader worker has in flight (loader.make_loader's prefetch_factor)
+RING = PREFETCH + 2  # shared buffers per shape in a loader worker: more than the fetches in flight
+_RINGS: dict[tuple[int, ...], list] = {}
+
+
+def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """Where a fetch's examples are written: in a loader worker, the next of RING shared-memory
+    buffers it reuses (the training process copies each batch out as it arrives, batch._arrived,
+    and asks the worker for its next fetch only after that; with at most PREFETCH fetches in
+    flight, a buffer comes round again only after its batch was copied out), so no fetch pays for
+    a fresh shared segment; in the training process itself (no workers), a new tensor."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    ring = _RINGS.setdefault(shape, [0])
+    if len(ring) < RING + 1:
+        ring.append(torch.empty(shape, dtype=torch.uint8).share_memory_())
+    ring[0] = ring[0] % RING + 1
+    return ring[ring[0]]
 
 
 @dataclass

@@ -36,7 +36,6 @@ prefetch thread draws beside the training thread).
 """
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass
@@ -45,10 +44,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import get_worker_info
 
 from pipeline.data import randaugment as ra
-from pipeline.data.batch import Batch, Encoded
+from pipeline.data.batch import Batch, Encoded, batch_buffer
 from pipeline.data.mixing import (
     MixDraw,
     draw_mix,
@@ -60,6 +58,7 @@ from pipeline.data.mixing import (
     partners,
 )
 from pipeline.data.resize import crop_flip
+from pipeline.data.samples import decode
 from pipeline.recipe import AugmentSection
 
 PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -212,19 +211,6 @@ def draw(recipe: ExampleRecipe, samples: list[SampleInfo], images: list[ImageDra
 # The CPU path: one fetch in a loader worker
 # ------------------------------------------------------------------------------------------------
 
-def open_image(data: bytes) -> Image.Image:
-    """A JPEG (or any image PIL reads), opened: its size is known, its pixels not decoded yet."""
-    return Image.open(io.BytesIO(data))
-
-
-def decode(img: Image.Image) -> Image.Image:
-    """An opened image's pixels, decoded, as RGB."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    img.load()
-    return img
-
-
 def image_cpu(recipe: ExampleRecipe, img: Image.Image, d: ImageDraw) -> np.ndarray:
     """One image (opened, not decoded) made ready to mix: decoded, cropped, resized, flipped
     (and RandAugmented when that runs before mixing): uint8 (res, res, 3). One image at a time,
@@ -257,26 +243,6 @@ def build_cpu(recipe: ExampleRecipe, images: list[np.ndarray], draws: Draws) -> 
         elif recipe.ra_after_mix:
             out[i] = _timm_randaugment_cpu(recipe, out[i], draws.timm_seeds[i])
     return batch
-
-
-PREFETCH = 4        # fetches a loader worker has in flight (reader.make_loader's prefetch_factor)
-RING = PREFETCH + 2  # shared buffers per shape in a loader worker: more than the fetches in flight
-_RINGS: dict[tuple[int, ...], list] = {}
-
-
-def batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """Where a fetch's examples are written: in a loader worker, the next of RING shared-memory
-    buffers it reuses (the training process copies each batch out as it arrives, batch._arrived,
-    and asks the worker for its next fetch only after that; with at most PREFETCH fetches in
-    flight, a buffer comes round again only after its batch was copied out), so no fetch pays for
-    a fresh shared segment; in the training process itself (no workers), a new tensor."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    ring = _RINGS.setdefault(shape, [0])
-    if len(ring) < RING + 1:
-        ring.append(torch.empty(shape, dtype=torch.uint8).share_memory_())
-    ring[0] = ring[0] % RING + 1
-    return ring[ring[0]]
 
 
 def _timm_randaugment_cpu(recipe: ExampleRecipe, x: np.ndarray, seed: int) -> np.ndarray:

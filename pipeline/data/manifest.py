@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.source import is_image_name
-from pipeline.io import atomic_write_text
+from pipeline.files import atomic_write_text
 
 MANIFEST_NAME = "_info.json"
 FORMAT = "nfnet-pipeline/shards/1"

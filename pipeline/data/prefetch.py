@@ -3,7 +3,7 @@ on the device (decode, crop, flip, mix, RandAugment: pipeline/data/examples.py, 
 while the current step runs (`loader.decode: device`).
 
 `DevicePrefetcher(items, recipe, device)` takes the iterator of encoded micro-batches the loader
-yields (JPEG bytes and every random draw: `batch.Encoded`; reader.micro_batches) and yields the
+yields (JPEG bytes and every random draw: `batch.Encoded`; loader.micro_batches) and yields the
 `Batch` of each, in the same order, its images on the device. A `LoaderFailure` passes through
 (the training process raises it).
 

@@ -27,23 +27,20 @@ transformed identically whichever worker reads it, before or after a resume.
 """
 from __future__ import annotations
 
-import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data import examples
 from pipeline.data.batch import BadSample, Batch, Encoded, LoaderFailure, pack_jpegs
 from pipeline.data.examples import ExampleRecipe, SampleInfo
 from pipeline.data.manifest import SplitInfo
-from pipeline.data.shard_reader import DataError, PositionReader, fix_hint
-from pipeline.preemption import ignore_stop_signals
+from pipeline.data.samples import open_sample, problem_of
+from pipeline.data.shard_reader import DataError, PositionReader
 
 # ------------------------------------------------------------------------------------------------
 # The epoch order
@@ -245,7 +242,7 @@ class TrainStreams(IterableDataset):
         deterministic, so batches stay equal and resume exact) and reported in `bad`."""
         raws = [s.raw for s in samples]
         seeds = [sample_seed(self.seed, s.epoch, s.index) for s in samples]
-        opened = [_open(raw, self.on_device) for raw in raws]
+        opened = [open_sample(raw, self.on_device) for raw in raws]
         problems = [problem for _, _, problem in opened]
         made: list = [None] * len(raws)        # per image: (its draw, its pixels on the CPU path)
         for i, (img, _, problem) in enumerate(opened):
@@ -256,7 +253,7 @@ class TrainStreams(IterableDataset):
             try:
                 made[i] = (d, None if self.on_device else examples.image_cpu(self.recipe, img, d))
             except Exception as e:               # a file whose header reads but pixels do not
-                problems[i] = _reason(e)
+                problems[i] = problem_of(e)
         source = _replacements(problems)
         labels = torch.tensor([opened[j][1] for j in source])
         infos = [SampleInfo(seeds[j], s.stream, s.position) for s, j in zip(samples, source)]
@@ -274,34 +271,6 @@ class TrainStreams(IterableDataset):
         return batch
 
 
-def _open(raw: dict, header_only: bool
-          ) -> tuple[Image.Image | tuple[int, int] | None, int, str | None]:
-    """(the opened image (header read, pixels not decoded), or with `header_only` (the device
-    path decodes) its (height, width) once the file is checked to be a complete JPEG (FFD8 ...
-    FFD9); the label; the problem, or None)."""
-    if raw.get("__error__"):
-        return None, -1, raw["__error__"]
-    try:
-        label = int(raw["cls"])
-    except Exception as e:
-        return None, -1, f"no readable label ({e})"
-    data = raw.get("jpg")
-    if not data:
-        return None, -1, "no jpg member"
-    if header_only and (data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9"):
-        return None, -1, "not a complete JPEG (truncated or damaged bytes)"
-    try:
-        img = examples.open_image(data)
-    except Exception as e:
-        return None, -1, _reason(e)
-    return ((img.height, img.width) if header_only else img), label, None
-
-
-def _reason(e: Exception) -> str:
-    reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
-    return f"cannot be decoded ({type(e).__name__}: {reason})"
-
-
 def _replacements(problems: list[str | None]) -> list[int]:
     """For each sample, the index of the sample used in its place: itself when readable, else the
     nearest readable one before it, else after it. Raises DataError when none is readable."""
@@ -317,133 +286,6 @@ def _replacements(problems: list[str | None]) -> list[int]:
             before = [g for g in good if g < i]
             out.append(before[-1] if before else good[0])
     return out
-
-
-def decode_sample(raw: dict) -> tuple[Image.Image, int]:
-    """An evaluation sample: its decoded RGB image and label; DataError names it otherwise."""
-    image, label, problem = _open(raw, header_only=False)
-    if not problem:
-        try:
-            return examples.decode(image), label
-        except Exception as e:
-            problem = _reason(e)
-    url = raw.get("__url__", "?")
-    raise DataError(f"sample {raw.get('__key__', '?')} in {url} {problem}; {fix_hint(url)}")
-
-
-class EvalShards(IterableDataset):
-    """Every sample of a split exactly once: contiguous position ranges per rank and worker, in
-    shard order, the last batch of each worker possibly short. No padding, no duplicates.
-    `transform`: PIL image -> uint8 (3, S, S) (transforms.eval_transform)."""
-
-    def __init__(self, split: SplitInfo, transform: Callable, *, rank: int, world: int,
-                 workers: int, batch: int):
-        self.split, self.transform = split, transform
-        self.rank, self.world, self.workers, self.batch = rank, world, max(1, workers), batch
-
-    def positions(self, worker: int) -> tuple[int, int]:
-        n, parts = self.split.num_samples, self.world * self.workers
-        part = self.rank * self.workers + worker
-        return part * n // parts, (part + 1) * n // parts
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        lo, hi = self.positions(info.id if info is not None else 0)
-        reader = PositionReader(self.split, np.arange(len(self.split.urls)))
-        for a in range(lo, hi, self.batch):
-            raws = reader.read(a, min(a + self.batch, hi))
-            images, labels = zip(*(decode_sample(r) for r in raws))
-            chw = torch.stack([torch.as_tensor(self.transform(i)) for i in images])
-            yield Batch.unmixed(chw.permute(0, 2, 3, 1).contiguous(), torch.tensor(labels),
-                                [r["__key__"] for r in raws], torch.arange(a, a + len(raws)))
-
-
-def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader that passes the dataset's batches through. Not given to accelerate.prepare:
-    that would re-split (or broadcast) data we have already split by rank."""
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=examples.PREFETCH if workers > 0 else None,
-                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
-
-
-def checked(batches: Iterator[Batch | LoaderFailure], on_bad: Callable[[BadSample], None],
-            on_note: Callable[[str], None] = print) -> Iterator[Batch]:
-    """The micro-batches, with the loader's findings handled in the training process: a
-    LoaderFailure raises DataError (one line, no worker traceback); each replaced sample goes to
-    `on_bad`, each note (a shard that differs from the manifest, loader.bad_samples: skip) to
-    `on_note`."""
-    for batch in batches:
-        if isinstance(batch, LoaderFailure):
-            raise DataError(batch.message)
-        for record in batch.bad:
-            on_bad(record)
-        for note in batch.notes:
-            on_note(note)
-        yield batch
-
-
-class BadSampleLog:
-    """The samples this process's loader replaced (`loader.bad_samples: skip`), said per shard:
-    one line when a shard's first one arrives (its key and why), and at the end one line per
-    shard with its count and a total (`summary`), not a line per sample."""
-
-    def __init__(self, say: Callable[[str], None], prefix: str):
-        self.say, self.prefix = say, prefix
-        self.records: list[BadSample] = []
-        self.per_shard: dict[str, list[BadSample]] = {}
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def add(self, record: BadSample, policy: str) -> None:
-        self.records.append(record)
-        seen = self.per_shard.setdefault(record.url, [])
-        seen.append(record)
-        if len(seen) == 1:
-            self.say(f"{self.prefix}shard {record.url}: unreadable sample {record.key}: "
-                     f"{record.reason}; replaced by {record.replaced_by} ({policy}; the shard's "
-                     f"count follows at the end)")
-
-    def summary(self) -> list[str]:
-        """One line per shard and a total; nothing when every sample was read."""
-        if not self.records:
-            return []
-        lines = [f"{self.prefix}shard {url}: {len(recs)} sample(s) replaced, the first "
-                 f"{recs[0].key}: {recs[0].reason}" for url, recs in self.per_shard.items()]
-        return lines + [f"{self.prefix}{len(self.records)} unreadable sample(s) replaced in "
-                        f"{len(self.per_shard)} shard(s)"]
-
-
-class Waited:
-    """An iterator of batches that keeps the seconds its consumer spent waiting for them: the
-    training step's time blocked on data (`data_wait_share` in metrics.json)."""
-
-    def __init__(self, batches: Iterator[Batch]):
-        self.batches, self.seconds = batches, 0.0
-
-    def __iter__(self) -> Waited:
-        return self
-
-    def __next__(self) -> Batch:
-        t = time.perf_counter()
-        try:
-            return next(self.batches)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-    def close(self) -> None:
-        close = getattr(self.batches, "close", None)
-        if close is not None:
-            close()
-
-
-def micro_batches(loader: DataLoader, fetches: int) -> Iterator[Batch | Encoded | LoaderFailure]:
-    """Concatenate `fetches` consecutive loader batches (one per worker) into a micro-batch."""
-    it = iter(loader)
-    while True:
-        parts = [next(it) for _ in range(fetches)]
-        failed = [p for p in parts if isinstance(p, LoaderFailure)]
-        yield failed[0] if failed else type(parts[0]).concat(parts)
 
 
 @dataclass

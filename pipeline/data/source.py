@@ -5,7 +5,7 @@ every split is random-access by index. It is also compact: at ImageNet-21k scale
 per-sample state is flat arrays (names in one bytes blob, labels in int32), which forked workers
 share without copying; nothing is decoded up front.
 
-The kinds of source live in folder_source.py, hf_source.py and tar_source.py; sources.py picks one
+The kinds of source live in folder_source.py, hf_source.py and tar_source.py; open_source.py picks one
 from `--source`. This module imports none of them.
 """
 from __future__ import annotations

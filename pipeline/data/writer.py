@@ -38,7 +38,7 @@ from webdataset import TarWriter
 from pipeline.data.images import encode_image
 from pipeline.data.manifest import manifest_path, write_manifest
 from pipeline.data.source import Source
-from pipeline.io import WriteError, atomic_write_text, explain_write, human_bytes, sha256_file
+from pipeline.files import WriteError, atomic_write_text, explain_write, human_bytes, sha256_file
 from pipeline.recipe import ShardSection, to_dict
 
 KEYS = {"image": "jpg", "label": "cls", "meta": "json"}

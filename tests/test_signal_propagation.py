@@ -1,4 +1,4 @@
-"""Signal propagation at initialisation (pipeline/signal.py, stages/signal_report.py).
+"""Signal propagation at initialisation (pipeline/signal_propagation.py, stages/signal_report.py).
 
 The NF design (Brock, De & Smith 2021): block j of a stage outputs variance 1 + (j + 1) alpha^2,
 reset at each transition block. Measured here on a tiny NFNet with several blocks per stage
@@ -26,7 +26,7 @@ import timm
 import torch
 
 from conftest import ROOT, run_stage_in_process
-from pipeline.signal import (
+from pipeline.signal_propagation import (
     branch_gains,
     gaussian_like,
     image_batch,

@@ -1,4 +1,4 @@
-"""Shard-stage sources (pipeline/data/sources.py and the kinds it dispatches to): ImageNet's flat
+"""Shard-stage sources (pipeline/data/open_source.py and the kinds it dispatches to): ImageNet's flat
 val, Hugging Face datasets (save_to_disk and parquet; the Hub path offline), re-sharding existing
 tars, and the refusal of an --out inside the source."""
 from __future__ import annotations
@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import ROOT, run_stage, stage_main
 from pipeline.data.manifest import read_manifest
+from pipeline.data.open_source import open_source
 from pipeline.data.source import SourceError
-from pipeline.data.sources import open_source
 from pipeline.recipe import load_recipe
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.data.loader import EvalShards
 from pipeline.data.manifest import load_split
-from pipeline.data.reader import EvalShards
 from pipeline.data.transforms import eval_transform, normalize
-from pipeline.io import atomic_write_text
+from pipeline.files import atomic_write_text
 
 _BN = nn.modules.batchnorm._BatchNorm
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, fill, run_stage_in_process
 from pipeline import checkpoint as ckpt
-from pipeline.io import WriteError, atomic_write_text
+from pipeline.files import WriteError, atomic_write_text
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
