@@ -70,7 +70,7 @@ class _Group:
     unit_len: int
 
 
-def plan_groups(shapes: list[torch.Size], whole: list[bool], solo_numel: int = 1 << 18
+def group_by_shape(shapes: list[torch.Size], whole: list[bool], solo_numel: int = 1 << 18
                 ) -> list[_Group]:
     """Group tensors into (sum of rows, unit_len) matrices, one matrix per group.
 
@@ -112,12 +112,12 @@ def unitwise_clip_(grads: list[torch.Tensor], weights: list[torch.Tensor], whole
     """Clip `grads` in place, unit-wise against `weights` (the AGC rule above).
 
     `whole[i]` marks tensors that are one unit (gains, biases). `groups` may be precomputed with
-    `plan_groups` for speed; it depends only on the shapes. No `.item()`: nothing waits on the GPU.
+    `group_by_shape` for speed; it depends only on the shapes. No `.item()`: nothing waits on the GPU.
     """
     if not grads:
         return
     if groups is None:
-        groups = plan_groups([g.shape for g in grads], whole)
+        groups = group_by_shape([g.shape for g in grads], whole)
     mats, views, g_norms, w_norms = [], [], [], []
     for grp in groups:
         gv = [_rows(grads[i], r, grp.unit_len) for i, r in zip(grp.index, grp.rows)]
@@ -167,7 +167,7 @@ class AGC:
             # CPU the copy is what costs (measured: benchmarks/agc_bench.py).
             on_gpu = bool(self.params) and self.params[0].device.type == "cuda"
             solo_numel = 1 << 22 if on_gpu else 1 << 12
-        self.groups = plan_groups([p.shape for p in self.params], self.whole, solo_numel)
+        self.groups = group_by_shape([p.shape for p in self.params], self.whole, solo_numel)
 
     @classmethod
     def for_model(cls, model: nn.Module, clip_factor: float, eps: float = 1e-3) -> AGC:

@@ -67,7 +67,7 @@ def make_plan(section: TrainSection, num_samples: int, processes: int,
                          f"{section.global_batch}; lower global_batch or raise epochs/steps")
     if warmup >= total:
         raise ValueError(f"warm-up ({warmup:g} steps) must be shorter than the run ({total} steps)")
-    layout = StreamLayout.plan(micro, processes, section.loader.num_workers, num_streams)
+    layout = StreamLayout.for_run(micro, processes, section.loader.num_workers, num_streams)
     lr = section.lr_base * section.global_batch / 256 if section.lr_batch_scaling else section.lr_base
     aug = section.augment
     return Plan(num_samples, processes, section.global_batch, micro,

@@ -48,13 +48,13 @@ class StepRunner:
     section: TrainSection
     plan: Plan
     batches: Iterator[Batch]
-    keys_log: IO[str] | None = None
+    sample_log: IO[str] | None = None    # --sample-log: the keys of every micro-batch
     skipped: int = 0                      # steps dropped by nan_policy: skip
 
-    def log_keys(self, step: int, micro: int, batch: Batch) -> None:
-        if self.keys_log is not None:
-            self.keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch.keys})
-                                + "\n")
+    def log_samples(self, step: int, micro: int, batch: Batch) -> None:
+        if self.sample_log is not None:
+            self.sample_log.write(json.dumps({"step": step, "micro": micro, "keys": batch.keys})
+                                  + "\n")
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The mean loss of a micro-batch: its tensors to the device, the images normalised."""
@@ -85,7 +85,7 @@ class StepRunner:
         for micro in range(plan.accum_steps):
             batch = batches[micro] if batches is not None else next(self.batches)
             if perturbation is None:
-                self.log_keys(step, micro, batch)
+                self.log_samples(step, micro, batch)
             with acc.accumulate(self.ddp_model):
                 loss = self.loss(batch)
                 acc.backward(loss)
@@ -115,7 +115,7 @@ class StepRunner:
         total = torch.zeros((), device=acc.device)
         with acc.no_sync(self.ddp_model):
             for micro, batch in enumerate(batches):
-                self.log_keys(step, micro, batch)
+                self.log_samples(step, micro, batch)
                 loss = self.loss(batch)
                 acc.backward(loss)
                 total += loss.detach() / plan.accum_steps

@@ -1,12 +1,14 @@
-"""The training run shared by pretrain and finetune, in named phases: accelerate inline, no callbacks.
+"""The training engine shared by pretrain and finetune: accelerate inline, no callbacks.
 
-    run(job)                      the whole run, in this order:
-      Trainer.setup()             plan, accelerator, model on its device, optimizer, AGC, EMA, LR
+The stage computes (pipeline/train_cli.py: the split, the plan, the model and its config.json,
+the run's identity, what to resume); the engine consumes that `Job` as it is:
+
+    run(job)
+      Trainer(job)                every piece of the run's state, made here: accelerator, model on
+                                  its device, optimizer, AGC, EMA, LR schedule, data cursor
       Trainer.resume()            the checkpoint the stage chose (pipeline/resume.py), if any
-      Trainer.open_data()         the training streams from the data cursor, trackers
-      Trainer.train()             the step loop: one optimiser step (pipeline/step.py), EMA,
-                                  logging, NaN checks, checkpoints, validation points
-      Trainer.save_checkpoint()   an atomic checkpoint (weights, EMA, optimizer, data cursor)
+      Trainer.train()             the step loop, top to bottom: stop agreement, one optimiser step
+                                  (pipeline/step.py), EMA, logs, checkpoints, validation points
       Trainer.finish()            the model folder, final validation, metrics.json -> TrainResult
 
 The LR schedule, the EMA decay, the data order and all randomness are functions of the step, so
@@ -37,13 +39,13 @@ from pipeline.batchnorm import prepare_batchnorm, train_mode
 from pipeline.data.batch import BadSample
 from pipeline.data.examples import ExampleRecipe
 from pipeline.data.loader import BadSampleLog, Waited, checked, make_loader, micro_batches
-from pipeline.data.manifest import SplitInfo, load_split, read_manifest, split_name
+from pipeline.data.manifest import SplitInfo
 from pipeline.data.prefetch import DevicePrefetcher
 from pipeline.data.reader import Cursor, TrainStreams, advance, rescale_cursor
 from pipeline.data.shard_reader import DataError
 from pipeline.evaluate import validate
 from pipeline.files import atomic_dir, atomic_write_text
-from pipeline.plan import Plan, make_plan
+from pipeline.plan import Plan
 from pipeline.preemption import Preempted, RunControl
 from pipeline.recipe import LoaderSection, TrainSection, to_dict
 from pipeline.resume import PREEMPTED, Identity
@@ -61,17 +63,18 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class Job:
-    """Everything a training run needs besides the recipe section."""
+    """What the stage computed for a training run; the engine uses it as it is."""
     stage: str                      # "pretrain" or "finetune"
     section: TrainSection
     model: nn.Module
-    shards: Path
+    config: dict[str, Any]          # config.json exactly as the model folder will hold it
+    split: SplitInfo                # the training split
+    val_split: SplitInfo | None     # validation points and the final validation, if any
+    plan: Plan
+    identity: Identity              # what makes it the same run (its checkpoints' folder)
     out: Path
-    config: dict[str, Any]          # model config.json (architecture, classes, resolutions)
     resume: str = "auto"            # auto | matching | none | <checkpoint folder> (resume.py)
-    init_fingerprint: str = ""
-    record_keys: Path | None = None  # write each rank's sample keys here (audits, tests)
-    shard_url: str | None = None     # read tars from here ({name} template), manifest from shards
+    sample_log: Path | None = None  # --sample-log: each rank's sample keys, DIR/rank<N>.jsonl
 
 
 @dataclass
@@ -107,76 +110,73 @@ def run(job: Job) -> TrainResult:
     """Train; write checkpoints, the final model folder and metrics.json under `job.out`. A stop
     signal from here on (pipeline/preemption.py) ends the run at a step boundary with a
     checkpoint (Preempted); unreadable data ends it with DataError."""
-    trainer = Trainer(job)
     with RunControl() as control:
-        trainer.control = control
-        trainer.setup()
+        trainer = Trainer(job, control)
         trainer.resume()
-        with trainer.sample_key_log() as keys_log:
-            trainer.open_data(keys_log)
-            try:
-                trainer.train()
-            finally:
-                trainer.close_data()
-                for line in trainer.bad.summary():     # the replaced samples, per shard
-                    tqdm.write(line, file=sys.stdout)
+        trainer.train()
     return trainer.finish()
 
 
-class Trainer:
-    """One training run; its phases are the methods, called in order by `run`."""
+@dataclass
+class Meter:
+    """What the log points and the result measure, on the device where it is summed per step
+    (no host sync in a step)."""
+    loss_sum: torch.Tensor          # (sum of the finite step losses since the last log, count)
+    bad_step: torch.Tensor          # the first non-finite step + 1, else -1
+    t_start: float = 0.0
+    t_log: float = 0.0
+    steps_since: int = 0            # steps since the last log point
+    waited_at_log: float = 0.0      # the loader's wait counter at the last log point
+    first_step: tuple[float, float] = (0.0, 0.0)   # (seconds, of which waiting for data)
+    last_loss: float = float("nan")
+    rate: float = 0.0               # examples/s over the last log interval
+    train_time_s: float = 0.0
+    hinted: bool = False            # the data-wait hint was said
 
-    def __init__(self, job: Job):
-        self.job, self.section, self.out = job, job.section, job.out
-        self.step = 0
-        self.start_step = 0
-        self.resumed_from: Path | None = None
-        self.last_loss, self.rate = float("nan"), 0.0
-        self.compile_s: float | None = None
+
+class Trainer:
+    """One training run (see the module docstring). Its state is all made in __init__."""
+
+    def __init__(self, job: Job, control: RunControl):
+        s, plan = job.section, job.plan
+        self.job, self.section, self.plan, self.out, self.control = job, s, plan, job.out, control
+        self.acc = runtime.make_accelerator(s.precision, accum_steps=plan.accum_steps,
+                                            trackers=s.trackers, project_dir=job.out)
+        self.device = self.acc.device
+        model = prepare_batchnorm(job.model, s, plan, self.acc).to(self.device)
+        self.model = model.to(memory_format=torch.channels_last) if s.channels_last else model
+        self.optimizer = build_optimizer(self.model, s, plan.lr)
+        self.agc = AGC.for_model(self.model, s.clip_factor, s.agc_eps) if s.clip_factor else None
+        self.ema = ModelEmaV3(self.model, decay=s.ema_decay) if s.ema_decay else None
+        self.scheduler = build_scheduler(self.optimizer, plan)
+        # the model and optimizer only: the loader is never prepared (pipeline/data/loader.py)
+        self.ddp_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.forward = runtime.compile_model(self.ddp_model) if s.compile else self.ddp_model
+        self.ckpt_root = job.out / "checkpoints" / job.identity.fingerprint
+        self.cursor = Cursor(0, 0, plan.data_streams)
+        self.step = self.start_step = 0
         self.saved_step = -1                    # the step of the newest checkpoint written
-        self.control = RunControl()             # replaced by run()'s, whose handlers are live
-        state = runtime.process_state()
-        where = f"rank {state.process_index}: " if state.num_processes > 1 else ""
+        self.resumed_from: Path | None = None
+        self.compile_s: float | None = None
+        self.skipped = 0                        # steps dropped by nan_policy: skip
+        self.waited = Waited(iter(()))          # the loader's batches, with their wait (train())
+        where = f"rank {self.acc.process_index}: " if self.acc.num_processes > 1 else ""
         self.bad = BadSampleLog(lambda line: tqdm.write(line, file=sys.stdout),
                                 f"[{job.stage}] {where}")   # this process's replaced samples
+        self.meter = Meter(torch.zeros(2, device=self.device),
+                           torch.full((), -1, dtype=torch.long, device=self.device))
 
-    # -- phase 1 ---------------------------------------------------------------------------------
-    def setup(self) -> None:
-        """Plan, accelerator, model on its device, optimizer, AGC, EMA, LR schedule."""
-        job, s = self.job, self.section
-        self.split: SplitInfo = load_split(job.shards, "train", job.shard_url)
-        self.plan: Plan = make_plan(s, self.split.num_samples, runtime.num_processes())
-        self.acc = runtime.make_accelerator(s.precision, accum_steps=self.plan.accum_steps,
-                                            trackers=s.trackers, project_dir=self.out)
-        self.device = self.acc.device
-        model = prepare_batchnorm(job.model, s, self.plan, self.acc).to(self.device)
-        if s.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.optimizer = build_optimizer(model, s, self.plan.lr)
-        self.agc = AGC.for_model(model, s.clip_factor, s.agc_eps) if s.clip_factor else None
-        self.ema = ModelEmaV3(model, decay=s.ema_decay) if s.ema_decay else None
-        self.scheduler = build_scheduler(self.optimizer, self.plan)
-        # not the loader: see loader.make_loader
-        self.ddp_model, self.optimizer = self.acc.prepare(model, self.optimizer)
-        self.forward = runtime.compile_model(self.ddp_model) if s.compile else self.ddp_model
-        self.identity = identity(job, self.split)
-        self.fingerprint = self.identity.fingerprint
-        self.ckpt_root = self.out / "checkpoints" / self.fingerprint
-        self.cursor = Cursor(0, 0, self.plan.data_streams)
-
-    # -- phase 2 ---------------------------------------------------------------------------------
     def resume(self) -> Path | None:
-        """Load the checkpoint `job.resume` names (auto: the newest complete one of this recipe,
-        data and init): weights, EMA, optimizer, scheduler, step and data cursor; the dvclive
-        logs as they were at that step; the last logged loss and rate (for a run resumed at its
-        last step, whose finish has no step of its own to report)."""
+        """Load the checkpoint `job.resume` names (auto: the newest complete one of this run):
+        weights, EMA, optimizer, scheduler, step and data cursor; the dvclive logs as they were at
+        that step; the last logged loss and rate (for a run resumed at its last step, whose finish
+        has no step of its own to report)."""
         found = resuming.find_resume(self.job.resume, self.ckpt_root)
         if found is None:
             return None
         state, meta = ckpt.load_checkpoint(found, self.model, self.ema.module if self.ema else None)
-        self.last_loss = meta.get("train_loss", self.last_loss)
-        self.rate = meta.get("img_per_s", self.rate)
+        self.meter.last_loss = meta.get("train_loss", self.meter.last_loss)
+        self.meter.rate = meta.get("img_per_s", self.meter.rate)
         if self.acc.is_main_process and (found / "dvclive").is_dir():
             # dvclive appends on resume: its files must end at this step (DVC may also have
             # removed them before a `dvc repro` that resumes)
@@ -184,8 +184,8 @@ class Trainer:
                 shutil.copytree(found / "dvclive", tmp, dirs_exist_ok=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        cursor = Cursor.from_state(state["cursor"])
-        self.cursor = rescale_cursor(cursor, self.split.num_samples, self.plan.data_streams)
+        self.cursor = rescale_cursor(Cursor.from_state(state["cursor"]), self.job.split.num_samples,
+                                     self.plan.data_streams)
         self.step = self.start_step = int(state["step"])
         self.resumed_from = found
         if self.acc.is_main_process:
@@ -194,24 +194,60 @@ class Trainer:
                   f"{self.cursor.num_streams} streams)")
         return found
 
-    # -- phase 3 ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def sample_key_log(self) -> Iterator[IO[str] | None]:
-        """This rank's sample-key log (`--log-samples`), open for the step loop, or None."""
-        if self.job.record_keys is None:
-            yield None
-            return
-        self.job.record_keys.mkdir(parents=True, exist_ok=True)
-        path = self.job.record_keys / f"rank{self.acc.process_index}.jsonl"
-        with open(path, "a", buffering=1) as f:
-            yield f
+    def train(self) -> None:
+        """The step loop, from the resumed step to the plan's last. At every step boundary the
+        processes agree on stopping (a signal: Preempted) and on unreadable data (DataError)."""
+        s, plan, m = self.section, self.plan, self.meter
+        bar = tqdm(total=plan.total_steps, initial=self.step, disable=not self.acc.is_main_process,
+                   desc=self.job.stage, dynamic_ncols=True, mininterval=1.0)
+        with self.open_data() as runner:
+            train_mode(self.ddp_model, s.freeze_bn_stats)
+            runtime.reset_peak_memory(self.device)
+            m.t_start = m.t_log = time.perf_counter()
+            m.waited_at_log = self.waited.seconds
+            try:
+                while self.step < plan.total_steps:
+                    stop, bad = self.control.exchange()      # one small all-reduce, a step late
+                    self.stop_if_bad_data(bad)
+                    if stop:
+                        bar.close()
+                        self.preempt(self.control.signame)
+                    t0 = time.perf_counter()
+                    self.scheduler.step_update(self.step)
+                    step_loss = runner.step(self.step)       # micro-batches, backward, AGC, SGD
+                    if self.step == self.start_step:         # it starts the loader (and compiles)
+                        m.first_step = (time.perf_counter() - t0, self.waited.seconds)
+                        self.compile_s = m.first_step[0] if s.compile else None
+                    self._account(step_loss)
+                    if self.ema is not None:
+                        self.ema.apply_update_(self.model, ema_decay(self.step, s.ema_decay))
+                    self.step += 1
+                    m.steps_since += 1
+                    bar.update(1)
+                    self.control.bad_samples = len(self.bad)
+                    at_end = self.step == plan.total_steps
+                    if self.step % s.log_every == 0 or at_end:
+                        self.log(bar)
+                    if (s.checkpoint_every and self.step % s.checkpoint_every == 0) or at_end:
+                        self.save_checkpoint()
+                    if self.job.val_split is not None and s.eval_every and self.step % s.eval_every == 0:
+                        self.validate_point(bar)
+            finally:
+                bar.close()                  # whatever ends the loop, the next line starts clean
+                self.skipped = runner.skipped
+                for line in self.bad.summary():     # the replaced samples, per shard
+                    tqdm.write(line, file=sys.stdout)
+        m.train_time_s = time.perf_counter() - m.t_start
 
-    def open_data(self, keys_log: IO[str] | None = None) -> None:
-        """The training streams from the cursor on, the validation split, the trackers."""
+    @contextlib.contextmanager
+    def open_data(self) -> Iterator[StepRunner]:
+        """The training streams from the cursor on, as the step's runner reads them; the sample
+        log and the trackers. On exit (whatever ended the loop) the loader, its workers and the
+        prefetch thread stop."""
         job, s, plan, acc = self.job, self.section, self.plan, self.acc
         on_device = s.loader.decode == "device"
         recipe = ExampleRecipe.of(s.train_res, s.augment)
-        dataset = TrainStreams(self.split, recipe, seed=s.seed, block=s.loader.shuffle_block,
+        dataset = TrainStreams(job.split, recipe, seed=s.seed, block=s.loader.shuffle_block,
                                cursor=self.cursor, rank=acc.process_index, world=acc.num_processes,
                                workers=plan.loader_workers, sub_batch=plan.sub_batch,
                                on_device=on_device, strict=s.loader.bad_samples == "stop")
@@ -219,79 +255,31 @@ class Trainer:
         batches = micro_batches(loader, max(1, plan.loader_workers))
         # decode: device: the next micro-batches' examples are made ahead on the device, off the
         # step's critical path (a side CUDA stream in a thread; pipeline/data/prefetch.py)
-        self.prefetcher = DevicePrefetcher(batches, recipe, self.device) if on_device else None
-        self.waited = Waited(checked(self.prefetcher or batches, self.report_bad, lambda note:
+        prefetcher = DevicePrefetcher(batches, recipe, self.device) if on_device else None
+        self.waited = Waited(checked(prefetcher or batches, self.report_bad, lambda note:
                                      tqdm.write(f"[{job.stage}] warning: {note}", file=sys.stdout)))
-        self.runner = StepRunner(acc, self.ddp_model, self.forward, self.optimizer, self.agc, s,
-                                 plan, self.waited, keys_log)
-        has_val = split_name(read_manifest(job.shards)["splits"], "val") is not None
-        self.val_split = load_split(job.shards, "val", job.shard_url) if has_val else None
         if acc.log_with:
             acc.init_trackers(job.stage, config=_flat(to_dict(s)), init_kwargs={"dvclive": {
                 "dir": str(self.out / "dvclive"), "dvcyaml": None, "save_dvc_exp": False,
                 "resume": self.resumed_from is not None}})
-
-    def close_data(self) -> None:
-        """Shut the loader (and prefetch thread) down now, whatever ended the loop."""
-        runner = getattr(self, "runner", None)
-        if runner is not None and runner.batches is not None:
-            runner.batches.close()             # frees the DataLoader iterator: workers stop
-            runner.batches = None
-        if getattr(self, "prefetcher", None) is not None:
-            self.prefetcher.close()            # its thread, then the source generator
-            self.prefetcher = None
-
-    # -- phase 4 ---------------------------------------------------------------------------------
-    def train(self) -> None:
-        """The step loop, from the resumed step to the plan's last. At every step boundary the
-        processes agree on stopping (a signal: Preempted) and on unreadable data (DataError)."""
-        s, plan, dev = self.section, self.plan, self.device
-        bar = tqdm(total=plan.total_steps, initial=self.step, disable=not self.acc.is_main_process,
-                   desc=self.job.stage, dynamic_ncols=True, mininterval=1.0)
-        self.loss_sum = torch.zeros(2, device=dev)     # (sum of finite step losses, their count)
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=dev)
-        self.t_start = self.t_log = time.perf_counter()
-        self.steps_since, self.waited_at_log, self.hinted = 0, self.waited.seconds, False
-        self.first_step = (0.0, 0.0)           # (seconds, of which waiting for data)
-        train_mode(self.ddp_model, s.freeze_bn_stats)
-        runtime.reset_peak_memory(dev)
-        control = self.control
         try:
-            while self.step < plan.total_steps:
-                stop, bad = control.exchange()
-                self.stop_if_bad_data(bad)
-                if stop:
-                    bar.close()
-                    self.preempt(control.signame)
-                self.one_step(bar)
-                control.bad_samples = len(self.bad)
+            with self.sample_log() as sample_log:
+                yield StepRunner(acc, self.ddp_model, self.forward, self.optimizer, self.agc, s,
+                                 plan, self.waited, sample_log)
         finally:
-            bar.close()                  # whatever ends the loop, the next line starts clean
-        self.train_time_s = time.perf_counter() - self.t_start
+            self.waited.close()                  # frees the DataLoader iterator: workers stop
+            if prefetcher is not None:
+                prefetcher.close()               # its thread, then the source generator
 
-    def one_step(self, bar: tqdm) -> None:
-        """An optimiser step, EMA, and what falls due after it: log, checkpoint, validation."""
-        s, plan = self.section, self.plan
-        t0 = time.perf_counter()
-        self.scheduler.step_update(self.step)
-        step_loss = self.runner.step(self.step)
-        if self.step == self.start_step:          # the first step starts the loader (and compiles)
-            self.first_step = (time.perf_counter() - t0, self.waited.seconds)
-            if s.compile:
-                self.compile_s = self.first_step[0]
-        self._account(step_loss)
-        if self.ema is not None:
-            self.ema.apply_update_(self.model, ema_decay(self.step, s.ema_decay))
-        self.step += 1
-        self.steps_since += 1
-        bar.update(1)
-        at_end = self.step == plan.total_steps
-        if self.step % s.log_every == 0 or at_end:
-            self.log(bar)
-        if (s.checkpoint_every and self.step % s.checkpoint_every == 0) or at_end:
-            self.save_checkpoint()
-        if self.val_split is not None and s.eval_every and self.step % s.eval_every == 0:
-            self.validate_point(bar)
+    @contextlib.contextmanager
+    def sample_log(self) -> Iterator[IO[str] | None]:
+        """This rank's sample log (`--sample-log`), open for the step loop, or None."""
+        if self.job.sample_log is None:
+            yield None
+            return
+        self.job.sample_log.mkdir(parents=True, exist_ok=True)
+        with open(self.job.sample_log / f"rank{self.acc.process_index}.jsonl", "a", buffering=1) as f:
+            yield f
 
     def report_bad(self, record: BadSample) -> None:
         """A sample the loader could not read and replaced: counted, said once per shard."""
@@ -329,7 +317,7 @@ class Trainer:
         if self.acc.is_main_process:
             atomic_write_text(self.out / PREEMPTED, json.dumps(
                 {"step": self.step, "signal": signame, "checkpoint": where,
-                 "fingerprint": self.fingerprint,
+                 "fingerprint": self.job.identity.fingerprint,
                  "resume": "run the same command again (--resume auto)"}, indent=1) + "\n")
         self.acc.wait_for_everyone()
         self.acc.end_training()
@@ -338,44 +326,44 @@ class Trainer:
     def _account(self, step_loss: torch.Tensor) -> None:
         """Add a step's loss to the running sum and remember the first non-finite step, on the
         device: no host sync per step."""
-        finite = torch.isfinite(step_loss)
+        m, finite = self.meter, torch.isfinite(step_loss)
         if self.section.nan_policy == "stop":
-            self.bad_step = torch.where((self.bad_step < 0) & ~finite,
-                                        torch.full_like(self.bad_step, self.step + 1),
-                                        self.bad_step)
-        self.loss_sum += torch.stack([torch.where(finite, step_loss, torch.zeros_like(step_loss)),
-                                      finite.float()])
+            m.bad_step = torch.where((m.bad_step < 0) & ~finite,
+                                     torch.full_like(m.bad_step, self.step + 1), m.bad_step)
+        m.loss_sum += torch.stack([torch.where(finite, step_loss, torch.zeros_like(step_loss)),
+                                   finite.float()])
 
     def log(self, bar: tqdm) -> None:
-        """A log point: the mean loss since the last one (all processes), lr, images/s."""
+        """A log point: the mean loss since the last one (all processes), lr, examples/s, the
+        share of the time the step waited for data (and, once, what to do when it is high)."""
+        m = self.meter
         self.stop_if_non_finite()
-        total, count = self.acc.reduce(self.loss_sum, "sum").tolist()
-        self.last_loss = total / count if count else float("nan")
+        total, count = self.acc.reduce(m.loss_sum, "sum").tolist()
+        m.last_loss = total / count if count else float("nan")
         now = time.perf_counter()
-        self.rate = self.steps_since * self.plan.global_batch / (now - self.t_log)
+        m.rate = m.steps_since * self.plan.global_batch / (now - m.t_log)
         lr = self.optimizer.param_groups[0]["lr"]
         epoch = self.step / self.plan.steps_per_epoch
-        waited = self.waited.seconds - self.waited_at_log
-        share = waited / max(now - self.t_log, 1e-9)
-        bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{self.rate:.0f}",
+        share = (self.waited.seconds - m.waited_at_log) / max(now - m.t_log, 1e-9)
+        bar.set_postfix(loss=f"{m.last_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{m.rate:.0f}",
                         data=f"{share:.0%}", epoch=f"{epoch:.2f}")
         if self.acc.log_with:
-            self.acc.log({"train/loss": self.last_loss, "train/lr": lr, "train/img_per_s": self.rate,
+            self.acc.log({"train/loss": m.last_loss, "train/lr": lr, "train/img_per_s": m.rate,
                           "train/data_wait_share": share, "train/epoch": epoch}, step=self.step)
-        first_interval = self.step - self.start_step <= self.steps_since   # it starts the loader
-        hint = None if self.hinted or first_interval else data_wait_hint(
-            share, self.job.stage, self.section.loader, (self.step - self.steps_since + 1, self.step))
+        first_interval = self.step - self.start_step <= m.steps_since   # it starts the loader
+        hint = None if m.hinted or first_interval else data_wait_hint(
+            share, self.job.stage, self.section.loader, (self.step - m.steps_since + 1, self.step))
         if hint:
-            self.hinted = True
+            m.hinted = True
             bar.write(hint)
-        self.loss_sum.zero_()
-        self.t_log, self.steps_since, self.waited_at_log = now, 0, self.waited.seconds
+        m.loss_sum.zero_()
+        m.t_log, m.steps_since, m.waited_at_log = now, 0, self.waited.seconds
 
     def stop_if_non_finite(self) -> None:
         """Stop (rank-wide) if any step's loss was NaN or infinite since the run started."""
         acc = self.acc
-        worst = (acc.reduce(self.bad_step.clone(), "max").item() if acc.num_processes > 1
-                 else self.bad_step.item())
+        worst = (acc.reduce(self.meter.bad_step.clone(), "max").item() if acc.num_processes > 1
+                 else self.meter.bad_step.item())
         if worst < 0:
             return
         stage = self.job.stage
@@ -390,16 +378,17 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write `checkpoints/<fingerprint>/step-N` atomically (main process; all wait)."""
         self.stop_if_non_finite()
-        plan = self.plan
+        plan, identity = self.plan, self.job.identity
         consumed = ((self.step - self.start_step) * plan.accum_steps * plan.sub_batch
                     * plan.images_per_example)              # samples per stream
-        cursor = advance(self.cursor, self.split.num_samples, consumed)
+        cursor = advance(self.cursor, self.job.split.num_samples, consumed)
         if self.acc.is_main_process:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "cursor": cursor.state_dict()}
-            meta = {"stage": self.job.stage, "fingerprint": self.fingerprint,
+            meta = {"stage": self.job.stage, "fingerprint": identity.fingerprint,
                     "plan": plan.as_dict(), "epoch": self.step / plan.steps_per_epoch,
-                    "train_loss": self.last_loss, "img_per_s": self.rate, **self.identity.meta()}
+                    "train_loss": self.meter.last_loss, "img_per_s": self.meter.rate,
+                    **identity.meta()}
             ckpt.save_checkpoint(self.ckpt_root, self.step, self.model,
                                  self.ema.module if self.ema else None, state, meta,
                                  self.section.keep_checkpoints, logs=self.out / "dvclive")
@@ -417,38 +406,34 @@ class Trainer:
             self.acc.log({"val/top1": m["top1"], "val/nll": m["nll"]}, step=self.step)
 
     def _validate(self, models: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
-        assert self.val_split is not None
+        assert self.job.val_split is not None
         acc = self.acc
-        return validate(models, self.val_split, self.job.config, batch=self.plan.micro_batch,
+        return validate(models, self.job.val_split, self.job.config, batch=self.plan.micro_batch,
                         workers=self.section.loader.num_workers, device=self.device,
                         rank=acc.process_index, world=acc.num_processes, autocast=acc.autocast,
                         compile=self.section.compile)
 
-    # -- phase 5 ---------------------------------------------------------------------------------
     def finish(self) -> TrainResult:
-        """The model folder, the final validation (EMA and raw) and `<out>/metrics.json`."""
-        job, acc = self.job, self.acc
+        """The model folder (the stage's config.json as it is), the final validation (EMA and
+        raw) and `<out>/metrics.json`."""
+        job, acc, m = self.job, self.acc, self.meter
         ema = self.ema.module if self.ema is not None else None
         if acc.is_main_process:
-            config = dict(job.config)
-            config["nfnet_pipeline"] = {**config.get("nfnet_pipeline", {}), "stage": job.stage,
-                                        "step": self.step, "fingerprint": self.fingerprint,
-                                        "mixed_precision": acc.mixed_precision}
-            ckpt.save_model_dir(self.out / "model", self.model, ema, config)
+            ckpt.save_model_dir(self.out / "model", self.model, ema, job.config)
         acc.wait_for_everyone()
         bad = int(acc.reduce(torch.tensor(len(self.bad), device=self.device), "sum").item()
                   if acc.num_processes > 1 else len(self.bad))
-        first_s, first_wait = self.first_step
-        rest = self.train_time_s - first_s
+        first_s, first_wait = m.first_step
+        rest = m.train_time_s - first_s
         share = (self.waited.seconds - first_wait) / rest if rest > 0 else float("nan")
-        result = TrainResult(self.step, self.last_loss, self.rate, self.train_time_s,
-                             self.runner.skipped, runtime.peak_memory_mb(self.device),
-                             self.start_step, self.plan, compile_s=self.compile_s,
-                             bad_samples=bad, data_wait_share=round(share, 4))
-        if self.val_split is not None:
+        result = TrainResult(self.step, m.last_loss, m.rate, m.train_time_s, self.skipped,
+                             runtime.peak_memory_mb(self.device), self.start_step, self.plan,
+                             compile_s=self.compile_s, bad_samples=bad,
+                             data_wait_share=round(share, 4))
+        if job.val_split is not None:
             models = {k: v for k, v in (("ema", ema), ("raw", self.model)) if v is not None}
-            result.val = {k: {"top1": m["top1"], "nll": m["nll"]}
-                          for k, m in self._validate(models).items()}
+            result.val = {k: {"top1": r["top1"], "nll": r["nll"]}
+                          for k, r in self._validate(models).items()}
         if acc.is_main_process:
             metrics = result.metrics()
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -463,7 +448,7 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------------
-# Helpers of the phases
+# Helpers
 # ------------------------------------------------------------------------------------------------
 
 def data_wait_hint(share: float, stage: str, loader: LoaderSection, steps: tuple[int, int]
@@ -479,12 +464,6 @@ def data_wait_hint(share: float, stage: str, loader: LoaderSection, steps: tuple
     return (f"[{stage}] the step waited for data {share:.0%} of the time (steps {steps[0]}-"
             f"{steps[1]}): the loader is the bottleneck; {more}{device} (CPU cores each variant "
             f"needs: benchmarks/RESULTS.md)")
-
-
-def identity(job: Job, split: SplitInfo) -> Identity:
-    """What makes a run of `job` the same run (the checkpoint folder's name; pipeline/resume.py)."""
-    return Identity(job.stage, resuming.settings(job.section), tuple(split.urls),
-                    tuple(split.shard_lengths), job.init_fingerprint)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,24 +1,90 @@
-"""Command-line plumbing of the two training stages (pretrain, finetune): their shared flags, the
-training data they read, the plan / --dry-run, claiming the output folder (its lock, what to
-resume) and running the job with the exit codes."""
+"""The two training stages' one flow (pretrain, finetune): their shared flags, the training data
+they read, the plan / --dry-run, the run's identity and complete config.json, claiming the output
+folder (its lock, what to resume) and running the job with the exit codes. A stage supplies only
+how it builds its model (`Built`); everything the engine needs is computed here, once, and handed
+to pipeline.train as a `Job`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from pipeline import resume as resuming
 from pipeline import runtime, train
 from pipeline.checkpoint import CheckpointError
-from pipeline.cli import fail
-from pipeline.data.manifest import ManifestError, load_split, read_manifest
+from pipeline.cli import fail, load_recipe_or_exit, stage_parser
+from pipeline.data.manifest import ManifestError, SplitInfo, load_split, read_manifest, split_name
 from pipeline.files import WriteError
+from pipeline.lineage import data_lineage
 from pipeline.plan import Plan, dry_run_report, make_plan
-from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
-from pipeline.recipe import TrainSection
+from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED, hold_stop_signals
+from pipeline.recipe import Recipe, TrainSection, write_resolved
+from pipeline.resume import Identity
 from pipeline.run_lock import OutLocked, RunLock
+
+
+@dataclass
+class Built:
+    """What a training stage builds before training: the model, its config.json (without the
+    run's facts, which the flow adds), and what the stage has to say about them."""
+    model: nn.Module
+    config: dict[str, Any]
+    init_fingerprint: str = ""               # finetune: the initial weights, part of the identity
+    messages: list[str] = field(default_factory=list)
+    resolved: dict[str, Any] = field(default_factory=dict)   # more for recipe.resolved.yaml
+
+
+@dataclass
+class TrainingData:
+    """The shards a training stage reads: class names and sample count always (from the recipe
+    for a dry run without shards), the splits when there are shards."""
+    class_names: list[str]
+    num_samples: int
+    split: SplitInfo | None = None
+    val_split: SplitInfo | None = None
+
+
+Build = Callable[[argparse.Namespace, Recipe, TrainSection, list[str]], Built]
+
+
+def training_stage(stage: str, doc: str, build: Build, argv: list[str] | None,
+                   more_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """A training stage's main(): parse, load the recipe (exit 2 when bad), read the data, build
+    the model (`build`), plan (--dry-run prints it and exits), then claim --out and train."""
+    with hold_stop_signals():            # a scheduler's stop during start-up is kept, not fatal
+        ap = stage_parser(doc)
+        if more_args is not None:
+            more_args(ap)
+        add_training_args(ap, stage)
+        args = ap.parse_intermixed_args(argv)
+        recipe = load_recipe_or_exit(args.recipe, args.overrides)
+        section: TrainSection = getattr(recipe, stage)
+        data = training_data(args, section, stage)
+        built = build(args, recipe, section, data.class_names)
+        plan = plan_or_exit(args, section, stage, data.num_samples, built.model, built.config)
+        if runtime.is_main_process():
+            for m in built.messages:
+                print(f"[{stage}] {m}")
+        assert data.split is not None                      # --shards is required past a dry run
+        identity = Identity(stage, resuming.settings(section), tuple(data.split.urls),
+                            tuple(data.split.shard_lengths), built.init_fingerprint)
+        config = dict(built.config)                        # the run's facts, known now
+        config["nfnet_pipeline"] = {**config.get("nfnet_pipeline", {}), "stage": stage,
+                                    "step": plan.total_steps, "fingerprint": identity.fingerprint,
+                                    "mixed_precision": runtime.mixed_precision(section.precision)}
+        job = train.Job(stage, section, built.model, config, data.split, data.val_split, plan,
+                        identity, args.out, resume=args.resume, sample_log=args.sample_log)
+        # written once the output folder is this run's (its lock, a run to continue or start)
+        return train_and_finish(job, args, lambda: write_resolved(
+            recipe, stage, args.out,
+            {**plan.as_dict(), **built.resolved, **data_lineage(args.shards, args.shard_url)},
+            args.overrides))
 
 
 def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
@@ -38,7 +104,7 @@ def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
                          "only when that run is certainly dead")
     ap.add_argument("--dry-run", nargs="?", const="text", choices=["text", "json"],
                     help="print the resolved plan and exit (no training, shards optional)")
-    ap.add_argument("--log-samples", type=Path, metavar="DIR",
+    ap.add_argument("--sample-log", type=Path, metavar="DIR",
                     help="write the sample keys each process trains on to DIR/rank<N>.jsonl (audits)")
     ap.add_argument("--processes", type=int, default=None,
                     help="processes to plan for with --dry-run (default: this launch)")
@@ -46,28 +112,30 @@ def add_training_args(ap: argparse.ArgumentParser, stage: str) -> None:
                     help="show the traceback of a stop (data errors, NaN, signals)")
 
 
-def training_data(args: argparse.Namespace, section: TrainSection, stage: str
-                  ) -> tuple[list[str], int]:
-    """(class names, train sample count) from the shards, or from the recipe for a dry run."""
+def training_data(args: argparse.Namespace, section: TrainSection, stage: str) -> TrainingData:
+    """The training (and, if the shards have one, validation) split; for a dry run without shards
+    the recipe's sample count and 1,000 classes."""
     if args.shards is not None:
         try:
-            info = read_manifest(args.shards)
+            manifest = read_manifest(args.shards)
             split = load_split(args.shards, "train", args.shard_url)
+            has_val = split_name(manifest["splits"], "val") is not None
+            val = load_split(args.shards, "val", args.shard_url) if has_val else None
         except ManifestError as e:
             fail(str(e))
-        names = info.get("class_names") or range(split.num_classes)
-        return [str(c) for c in names], split.num_samples
+        names = manifest.get("class_names") or range(split.num_classes)
+        return TrainingData([str(c) for c in names], split.num_samples, split, val)
     if args.dry_run:
         if section.expected_samples is None:
             fail(f"--dry-run without --shards needs {stage}.expected_samples in the recipe")
-        return [str(i) for i in range(1000)], section.expected_samples
+        return TrainingData([str(i) for i in range(1000)], section.expected_samples)
     fail("--shards is required (the output folder of the shard stage)")
 
 
-def train_and_finish(job: train.Job, plan: Plan, args: argparse.Namespace,
-                     write_resolved: Callable[[], object]) -> int:
+def train_and_finish(job: train.Job, args: argparse.Namespace,
+                     write_recipe: Callable[[], object]) -> int:
     """Claim `job.out` (its lock, then what `--resume` continues: pipeline/resume.py), write the
-    resolved recipe (`write_resolved`) and run the job (pipeline.train: checkpoints, model
+    resolved recipe (`write_recipe`) and run the job (pipeline.train: checkpoints, model
     folder, metrics.json). The ends a user can meet, each as one line (a traceback with --debug):
         0   finished (or finished before: nothing to do, or its outputs put back)
         1   stopped: the loss became NaN or infinite, training data could not be read, or an
@@ -76,14 +144,14 @@ def train_and_finish(job: train.Job, plan: Plan, args: argparse.Namespace,
         75  stopped by SIGTERM / SIGUSR1 / SIGINT with a complete checkpoint: run the same
             command again to resume (a scheduler can requeue on 75; <out>/PREEMPTED.json too)
         130 aborted by a second Ctrl-C (the newest complete checkpoint is intact)"""
-    decision, lock = claim_out(job, plan, args.break_lock)
+    decision, lock = claim_out(job, args.break_lock)
     try:
         if decision.kind == "finished":
-            return _finished(job, plan, Path(decision.checkpoint))
+            return _finished(job, Path(decision.checkpoint))
         if runtime.is_main_process():
             if decision.note:
                 print(f"[{job.stage}] {decision.note}", flush=True)
-            write_resolved()
+            write_recipe()
         job = dataclasses.replace(job, resume=decision.checkpoint or "none")
         return _train(job, args.debug)
     except WriteError as e:
@@ -96,7 +164,7 @@ def train_and_finish(job: train.Job, plan: Plan, args: argparse.Namespace,
     return 0
 
 
-def claim_out(job: train.Job, plan: Plan, break_lock: bool = False
+def claim_out(job: train.Job, break_lock: bool = False
               ) -> tuple[resuming.Decision, RunLock | None]:
     """On the first process: take `job.out`'s lock, then decide what the run continues; every
     process gets the decision. Exits 2 (one line, nothing written) when a live run holds the
@@ -105,9 +173,7 @@ def claim_out(job: train.Job, plan: Plan, break_lock: bool = False
     if runtime.is_main_process():
         try:
             lock = RunLock.acquire(job.out, break_lock)
-            split = load_split(job.shards, "train", job.shard_url)
-            verdict = resuming.decide(job.out, train.identity(job, split), job.resume,
-                                      plan.total_steps)
+            verdict = resuming.decide(job.out, job.identity, job.resume, job.plan.total_steps)
         except (OutLocked, resuming.Refused, CheckpointError) as e:
             if lock is not None:
                 lock.release()
@@ -120,7 +186,7 @@ def claim_out(job: train.Job, plan: Plan, break_lock: bool = False
     return verdict, lock
 
 
-def _finished(job: train.Job, plan: Plan, checkpoint: Path) -> int:
+def _finished(job: train.Job, checkpoint: Path) -> int:
     """The run in `job.out` is finished: say so in one line, after putting back any of its
     outputs that something removed or replaced (`dvc repro -f`, another experiment's)."""
     if runtime.is_main_process():
@@ -129,9 +195,9 @@ def _finished(job: train.Job, plan: Plan, checkpoint: Path) -> int:
             resuming.restore_outputs(checkpoint, job.out, differ)
         done = (f"put back {', '.join(differ)} as the run left them" if differ else
                 "nothing to do (its outputs are as it left them)")
-        print(f"[{job.stage}] {job.out} is finished: step {plan.total_steps} of "
-              f"{plan.total_steps} ({checkpoint}); {done}. To train again from step 0: "
-              f"--resume none", flush=True)
+        steps = job.plan.total_steps
+        print(f"[{job.stage}] {job.out} is finished: step {steps} of {steps} ({checkpoint}); "
+              f"{done}. To train again from step 0: --resume none", flush=True)
     return 0
 
 

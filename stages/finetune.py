@@ -25,13 +25,13 @@ crop and interpolation to the evaluate stage), checkpoints/, metrics.json, recip
 """
 from __future__ import annotations
 
+import argparse
+
 from pipeline import checkpoint as ckpt
-from pipeline import runtime, train
-from pipeline.cli import fail, load_recipe_or_exit, stage_parser
-from pipeline.lineage import data_lineage
-from pipeline.preemption import hold_stop_signals, stage_exit
-from pipeline.recipe import write_resolved
-from pipeline.train_cli import add_training_args, plan_or_exit, train_and_finish, training_data
+from pipeline.cli import fail
+from pipeline.preemption import stage_exit
+from pipeline.recipe import Recipe, TrainSection
+from pipeline.train_cli import Built, training_stage
 from pipeline.transfer import (
     build_finetune_model,
     finetune_lineage,
@@ -41,23 +41,15 @@ from pipeline.transfer import (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    with hold_stop_signals():            # a scheduler's stop during start-up is kept, not fatal
-        return _main(argv)
-
-
-def _main(argv: list[str] | None) -> int:
-    ap = stage_parser(__doc__)
+def add_init(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--init", required=True,
                     help="pretrained model folder, published folder, timm:<arch>=<file>, "
                          "hf-hub:<org>/<name>, dm:<file.npz>, or none:<variant>")
-    add_training_args(ap, "finetune")
-    args = ap.parse_intermixed_args(argv)
-    recipe = load_recipe_or_exit(args.recipe, args.overrides)
-    section = recipe.finetune
 
-    class_names, num_samples = training_data(args, section, "finetune")
 
+def build(args: argparse.Namespace, recipe: Recipe, section: TrainSection,
+          class_names: list[str]) -> Built:
+    """The `--init` model with a head for these classes, its config.json and lineage."""
     try:
         src = load_init(args.init, section.init.weights, section.seed)
         model, messages = build_finetune_model(src, class_names, section)
@@ -65,25 +57,17 @@ def _main(argv: list[str] | None) -> int:
         fail(f"--init {args.init}: {e}")
     init_config = src.config
     note = resolution_note(init_config, section)
-    messages += [note] if note else []
     lineage = finetune_lineage(init_config, args.init, src.weights_label, recipe.name)
     config = ckpt.model_config(model, init_config["architecture"], init_config.get("model_args", {}),
                                class_names, section.train_res, section.test_res, section.crop_pct,
                                section.augment.interpolation, lineage,
                                init_crop_mode(init_config))
-    plan = plan_or_exit(args, section, "finetune", num_samples, model, config)
+    return Built(model, config, src.fingerprint, messages + ([note] if note else []),
+                 {"init": args.init})
 
-    if runtime.is_main_process():
-        for m in messages:
-            print(f"[finetune] {m}")
-    job = train.Job("finetune", section, model, args.shards, args.out, config, resume=args.resume,
-                    init_fingerprint=src.fingerprint, record_keys=args.log_samples,
-                    shard_url=args.shard_url)
-    # written once the output folder is this run's (its lock, a run to continue or start)
-    return train_and_finish(job, plan, args, lambda: write_resolved(
-        recipe, "finetune", args.out,
-        {**plan.as_dict(), "init": args.init, **data_lineage(args.shards, args.shard_url)},
-        args.overrides))
+
+def main(argv: list[str] | None = None) -> int:
+    return training_stage("finetune", __doc__, build, argv, more_args=add_init)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,23 @@ def tiny_model_dir(folder: Path, seed: int = 0) -> Path:
     return save_model_dir(folder, model, ema, config)
 
 
+def training_job(stage: str, section, model, config: dict, shards: Path, out: Path, **kw):
+    """A pipeline.train.Job from shards on disk, made the way the training stages make it
+    (pipeline/train_cli.py): the splits, the plan, the identity, config.json's run facts."""
+    from pipeline import resume, runtime, train
+    from pipeline.data.manifest import load_split, read_manifest, split_name
+    from pipeline.plan import make_plan
+    split = load_split(shards, "train")
+    has_val = split_name(read_manifest(shards)["splits"], "val") is not None
+    val = load_split(shards, "val") if has_val else None
+    plan = make_plan(section, split.num_samples, runtime.num_processes())
+    identity = resume.Identity(stage, resume.settings(section), tuple(split.urls),
+                               tuple(split.shard_lengths), kw.pop("init_fingerprint", ""))
+    config = {**config, "nfnet_pipeline": {"stage": stage, "step": plan.total_steps,
+                                           "fingerprint": identity.fingerprint}}
+    return train.Job(stage, section, model, config, split, val, plan, identity, out, **kw)
+
+
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory) -> Path:
     from pipeline.data.demo import write_digits

@@ -46,8 +46,9 @@ def test_a_bad_recipe_exits_2_with_the_key(capsys):
 
 def test_dry_run_needs_expected_samples_or_shards(capsys):
     section = cli.load_recipe_or_exit(RECIPE, []).pretrain
-    names, n = train_cli.training_data(training_args("--recipe", RECIPE, "--dry-run"), section, "pretrain")
-    assert n == section.expected_samples == 1281167 and len(names) == 1000
+    data = train_cli.training_data(training_args("--recipe", RECIPE, "--dry-run"), section, "pretrain")
+    assert data.num_samples == section.expected_samples == 1281167 and len(data.class_names) == 1000
+    assert data.split is None and data.val_split is None
     section.expected_samples = None
     with pytest.raises(SystemExit):
         train_cli.training_data(training_args("--recipe", RECIPE, "--dry-run"), section, "pretrain")

@@ -68,7 +68,7 @@ def test_compile_with_inductor_matches_eager_and_resumes(demo_shards, tmp_path):
     full = check_compiled_against_eager(shards, tmp_path, "inductor", 1e-4)
     cut = tmp_path / "cut"
     cmd = [sys.executable, ROOT / "stages" / "pretrain.py", "--recipe", RECIPE, "--shards", shards,
-           "--out", cut, *RUN, "pretrain.compile=true", "--log-samples", tmp_path / "keys"]
+           "--out", cut, *RUN, "pretrain.compile=true", "--sample-log", tmp_path / "keys"]
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **ONE_THREAD,
                                             "NFNET_COMPILE_BACKEND": "inductor"})

@@ -60,7 +60,7 @@ def test_two_processes_read_each_sample_once_with_equal_batches(demo_shards, tmp
     # one epoch: 2 ranks x 1 worker = 2 streams of 360; micro-batch 8 -> sub-batch 8; 45 steps
     pretrain_torchrun(2, "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
              "--out", str(tmp_path / "run"),
-             "--log-samples", str(tmp_path / "keys"), *BASE, "pretrain.global_batch=16",
+             "--sample-log", str(tmp_path / "keys"), *BASE, "pretrain.global_batch=16",
              "pretrain.micro_batch=8", "pretrain.steps=45", "pretrain.epochs=null",
              "pretrain.warmup_steps=2", "pretrain.warmup_epochs=null", "pretrain.loader.num_workers=1")
     keys = read_keys(tmp_path / "keys")
@@ -113,13 +113,13 @@ def test_sigkill_and_resume_gives_the_same_weights_and_samples(demo_shards, tmp_
               "pretrain.epochs=2", "pretrain.checkpoint_every=5", "pretrain.keep_checkpoints=3",
               "pretrain.micro_batch=16", "pretrain.loader.num_workers=2"]
     run_stage("pretrain", *common, "--out", str(tmp_path / "full"),
-              "--log-samples", str(tmp_path / "k_full"))
+              "--sample-log", str(tmp_path / "k_full"))
     _kill_after_checkpoint([*common, "--out", str(tmp_path / "cut"),
-                            "--log-samples", str(tmp_path / "k_cut")],
+                            "--sample-log", str(tmp_path / "k_cut")],
                            tmp_path / "cut" / "checkpoints", step=10)   # resumes across epoch 1's end
     assert not (tmp_path / "cut" / "model").exists()
     resumed = run_stage("pretrain", *common, "--out", str(tmp_path / "cut"),
-                        "--log-samples", str(tmp_path / "k_cut"))
+                        "--sample-log", str(tmp_path / "k_cut"))
     assert "resumed from" in resumed.stdout
     # CPU, same thread count, same operations in the same order: bit-identical
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"), atol=0.0)

@@ -47,7 +47,7 @@ def test_the_kind_follows_the_examples_place_in_its_stream_not_its_chunk():
 def kinds_per_micro_batch(world: int, workers: int, micro: int, steps: int) -> list[list[bool]]:
     """The kind of every example of `steps` global micro-batches, made the way the workers make
     them: each worker's fetch draws its examples from its streams' positions."""
-    layout = StreamLayout.plan(micro, world, workers)
+    layout = StreamLayout.for_run(micro, world, workers)
     out = []
     for step in range(steps):
         kinds = []
@@ -85,7 +85,7 @@ def test_the_workers_fetches_make_the_kinds_and_the_same_examples_anywhere(demo_
     recipe = dataclasses.replace(ExampleRecipe.of(RES, dm), ra_layers=0)
 
     def examples(world, workers, micro):
-        layout = StreamLayout.plan(micro, world, workers, num_streams=8)
+        layout = StreamLayout.for_run(micro, world, workers, num_streams=8)
         out = {}
         for r in range(world):
             ds = TrainStreams(split, recipe, seed=5, block=64, cursor=Cursor(0, 0, layout.num_streams),

@@ -4,6 +4,7 @@ process at one step boundary with one checkpoint and exit 75; a resumed run is b
 an uninterrupted one; a second Ctrl-C aborts with 130 whenever it comes; loader workers survive
 stop signals and end with the training process. 1 process and 2 (torchrun, gloo). No test waits
 a time sized to a step: each waits for an event (sample keys logged, a line, a file)."""
+import contextlib
 import json
 import os
 import select
@@ -17,11 +18,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ONE_THREAD, ROOT, run, run_stage, run_stage_in_process
+from conftest import ONE_THREAD, ROOT, run, run_stage, run_stage_in_process, training_job
 from pipeline import checkpoint as ckpt
 from pipeline import train
 from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
 from pipeline.run_lock import LOCK_NAME
+from pipeline.step import StepRunner
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # 22 steps of 2 micro-batches; checkpoints only at the end unless a signal asks for one
@@ -133,7 +135,7 @@ def test_a_signal_stops_with_one_checkpoint_and_the_resume_is_bit_identical(
     out, keys = tmp_path / "run", tmp_path / "keys"
     to_group = sig == signal.SIGTERM
     proc = start([sys.executable, ROOT / "stages" / "pretrain.py",
-                  *args(demo_shards["pretrain"], out), "--log-samples", keys], group=to_group)
+                  *args(demo_shards["pretrain"], out), "--sample-log", keys], group=to_group)
     wait_for_steps(keys, 6, proc)
     if to_group:
         assert len(group_members(proc.pid)) == 2          # the training process and its worker
@@ -179,7 +181,7 @@ def test_one_writer_per_out_and_a_lock_left_by_kill_9_does_not_block_the_resume(
     behind (and no loader worker); the same command resumes from the newest checkpoint."""
     shards, out, keys = demo_shards["pretrain"], tmp_path / "run", tmp_path / "keys"
     proc = start([sys.executable, ROOT / "stages" / "pretrain.py",
-                  *args(shards, out, "pretrain.checkpoint_every=3"), "--log-samples", keys])
+                  *args(shards, out, "pretrain.checkpoint_every=3"), "--sample-log", keys])
     wait_for_steps(keys, 4, proc)
     workers = _children(proc.pid)
     proc.send_signal(signal.SIGSTOP)
@@ -200,7 +202,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_keeps_the_checkpoints(demo_shards, t
     out, keys = tmp_path / "run", tmp_path / "keys"
     proc = start([sys.executable, ROOT / "stages" / "pretrain.py",
                   *args(demo_shards["pretrain"], out, "pretrain.checkpoint_every=3"),
-                  "--log-samples", keys], group=True)
+                  "--sample-log", keys], group=True)
     wait_for_steps(keys, 5, proc)
     os.killpg(proc.pid, signal.SIGINT)
     wait_for_line(proc, "SIGINT received")       # two separate signals, not one merged pending
@@ -237,11 +239,11 @@ def test_a_second_ctrl_c_exits_130_before_during_and_after_the_stop_checkpoint(
             return result
         monkeypatch.setattr(obj, name, wrapped)
 
-    real_step = train.Trainer.one_step
+    real_step = StepRunner.step
 
-    def step_then_first_ctrl_c(self, bar):
-        real_step(self, bar)
-        if self.step == 3:
+    def step_then_first_ctrl_c(self, step):
+        loss = real_step(self, step)
+        if step + 1 == 3:                        # the third optimiser step is done
             os.kill(os.getpid(), signal.SIGINT)
             if phase == "in a step":            # the second before this step's end
                 os.kill(os.getpid(), signal.SIGINT)
@@ -249,15 +251,16 @@ def test_a_second_ctrl_c_exits_130_before_during_and_after_the_stop_checkpoint(
                 # after the stop checkpoint's first weights file; after PREEMPTED.json
                 kill_at(*{"in the stop checkpoint": (ckpt, "save_file", "after"),
                           "after the stop checkpoint": (train, "atomic_write_text", "after")}[phase])
-    monkeypatch.setattr(train.Trainer, "one_step", step_then_first_ctrl_c)
+        return loss
+    monkeypatch.setattr(StepRunner, "step", step_then_first_ctrl_c)
     if phase == "in start-up":
-        real_setup = train.Trainer.setup
+        real_resume = train.Trainer.resume
 
-        def two_ctrl_c_then_setup(self):
+        def two_ctrl_c_then_resume(self):
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-            real_setup(self)
-        monkeypatch.setattr(train.Trainer, "setup", two_ctrl_c_then_setup)
+            return real_resume(self)
+        monkeypatch.setattr(train.Trainer, "resume", two_ctrl_c_then_resume)
     with pytest.raises(SystemExit) as e:
         train.run(_job(demo_shards["pretrain"], tmp_path))
     assert e.value.code == EXIT_ABORTED
@@ -295,7 +298,7 @@ def _job(shards, out):
     model, arch, model_args = build_model("tiny", 5, seed=section.seed)
     config = {"architecture": arch, "model_args": model_args, "num_classes": 5,
               "pretrained_cfg": {"test_input_size": [3, 32, 32], "crop_pct": 1.0}}
-    return train.Job("pretrain", section, model, shards, out, config)
+    return training_job("pretrain", section, model, config, shards, out)
 
 
 def test_a_signal_during_a_checkpoint_write_lets_it_finish_and_stops_after_it(
@@ -326,9 +329,11 @@ def test_a_signal_during_a_checkpoint_write_lets_it_finish_and_stops_after_it(
 def test_a_signal_before_the_first_step_checkpoints_step_0(demo_shards, tmp_path, monkeypatch):
     real_open = train.Trainer.open_data
 
-    def open_then_signal(self, keys_log=None):
-        real_open(self, keys_log)
-        os.kill(os.getpid(), signal.SIGUSR1)
+    @contextlib.contextmanager
+    def open_then_signal(self):
+        with real_open(self) as runner:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            yield runner
 
     monkeypatch.setattr(train.Trainer, "open_data", open_then_signal)
     with pytest.raises(train.Preempted) as e:
@@ -365,7 +370,7 @@ def test_sigterm_to_torchrun_stops_every_rank_and_the_resume_is_bit_identical(
     the resumed 2-process run equals an uninterrupted one."""
     shards = demo_shards["pretrain"]
     out, keys = tmp_path / "run", tmp_path / "keys"
-    proc = start(torchrun_cmd(shards, out, "--log-samples", keys))
+    proc = start(torchrun_cmd(shards, out, "--sample-log", keys))
     wait_for_steps(keys, 6, proc)
     holder = json.loads((out / LOCK_NAME).read_text())
     assert holder["pid"] == _rank_pid(proc.pid, 0)                 # one lock, rank 0's
@@ -395,7 +400,7 @@ def test_two_processes_stop_together_when_only_one_is_signalled(reference_two, d
     with an uninterrupted run (the default suite resumes a 2-process stop in the torchrun test)."""
     shards = demo_shards["pretrain"]
     out, keys = tmp_path / "run", tmp_path / "keys"
-    proc = start(torchrun_cmd(shards, out, "--log-samples", keys))
+    proc = start(torchrun_cmd(shards, out, "--sample-log", keys))
     wait_for_steps(keys, 6, proc)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGUSR1)
     code, stdout, stderr = finish(proc)

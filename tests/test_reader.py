@@ -45,7 +45,7 @@ def rank_batches(split, cursor, rank, world, workers, sub_batch, steps, **kw):
 
 
 def global_batches(split, cursor, world, workers, micro_batch, steps, **kw):
-    layout = StreamLayout.plan(micro_batch, world, workers, cursor.num_streams or None)
+    layout = StreamLayout.for_run(micro_batch, world, workers, cursor.num_streams or None)
     cursor = Cursor(cursor.epoch, cursor.offset, layout.num_streams, cursor.segments)
     per_rank = [rank_batches(split, cursor, r, world, workers, layout.sub_batch, steps, **kw)
                 for r in range(world)]
@@ -59,7 +59,7 @@ def split(demo_shards):
 
 def test_one_epoch_reads_every_sample_once(split):
     world, workers, micro = 2, 2, 8
-    layout = StreamLayout.plan(micro, world, workers)                  # 4 streams, sub-batch 4
+    layout = StreamLayout.for_run(micro, world, workers)                  # 4 streams, sub-batch 4
     n_streams = layout.num_streams
     per_stream = split.num_samples // n_streams
     steps = per_stream // layout.sub_batch
@@ -94,7 +94,7 @@ def test_images_are_augmented_identically_wherever_they_are_read(split):
     kw = dict(seed=3, block=50)
 
     def images(world, workers, micro):
-        layout = StreamLayout.plan(micro, world, workers)
+        layout = StreamLayout.for_run(micro, world, workers)
         out = {}
         for r in range(world):
             ds = TrainStreams(split, aug, cursor=Cursor(0, 0, layout.num_streams),
@@ -118,7 +118,7 @@ def test_shard_order_changes_every_epoch_but_is_shared():
 def test_resume_from_a_cursor_continues_the_exact_sequence(split):
     world, workers, micro = 2, 2, 8
     full = global_batches(split, Cursor(0, 0, 0), world, workers, micro, steps=70)  # > 1 epoch
-    layout = StreamLayout.plan(micro, world, workers)
+    layout = StreamLayout.for_run(micro, world, workers)
     for done in (7, 44, 45):                                          # mid-epoch and across epochs
         cursor = advance(Cursor(0, 0, layout.num_streams), split.num_samples, done * layout.sub_batch)
         rest = global_batches(split, cursor, world, workers, micro, steps=70 - done)
@@ -126,7 +126,7 @@ def test_resume_from_a_cursor_continues_the_exact_sequence(split):
 
 
 def test_resume_on_a_different_number_of_streams_finishes_the_epoch_exactly(split):
-    layout = StreamLayout.plan(8, 1, 2)                              # 2 streams
+    layout = StreamLayout.for_run(8, 1, 2)                              # 2 streams
     epoch_len = split.num_samples // 2
     done = 17
     before = global_batches(split, Cursor(0, 0, 2), 1, 2, 8, steps=done)
@@ -155,7 +155,7 @@ def test_eval_reads_every_sample_exactly_once(split, world, workers, batch):
 
 
 def test_real_dataloader_workers_give_the_emulated_sequence(split):
-    layout = StreamLayout.plan(8, 1, 2)
+    layout = StreamLayout.for_run(8, 1, 2)
     ds = streams(split, Cursor(0, 0, layout.num_streams), 0, 1, 2, layout.sub_batch)
     loader = make_loader(ds, 2)
     real = [b.keys for b in itertools.islice(micro_batches(loader, 2), 12)]

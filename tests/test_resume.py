@@ -12,10 +12,10 @@ from pathlib import Path
 
 from conftest import ROOT, run_stage_in_process
 from pipeline import checkpoint as ckpt
-from pipeline import train
 from pipeline.preemption import EXIT_PREEMPTED
 from pipeline.recipe import load_recipe
 from pipeline.resume import MAY_CHANGE_ON_RESUME, settings
+from pipeline.step import StepRunner
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # 11 steps; dvclive on (its plots are outputs too)
@@ -70,14 +70,15 @@ def test_the_same_command_on_a_finished_out_changes_nothing_and_puts_back_what_w
 
 def _stop_at_step_3(monkeypatch):
     """SIGTERM to this process after step 3 (a real signal; the stage's handler records it)."""
-    real = train.Trainer.one_step
+    real = StepRunner.step
 
-    def one_step(self, bar):
-        real(self, bar)
-        if self.step == 3:
+    def step(self, index):
+        loss = real(self, index)
+        if index + 1 == 3:                       # the third optimiser step is done
             os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(train.Trainer, "one_step", one_step)
-    return lambda: monkeypatch.setattr(train.Trainer, "one_step", real)
+        return loss
+    monkeypatch.setattr(StepRunner, "step", step)
+    return lambda: monkeypatch.setattr(StepRunner, "step", real)
 
 
 def test_a_changed_recipe_is_refused_naming_each_key_and_micro_batch_may_change(

@@ -148,7 +148,7 @@ def test_usr1_to_the_batch_shell_stops_requeues_and_resumes_bit_identically(
            "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
     submitted = slurm_cmd(env, "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0",
                           "--time=00:30:00", f"--output={output}", SCRIPT, *RUN,
-                          "--log-samples", keys, cwd=ROOT)      # the job runs in the submit dir
+                          "--sample-log", keys, cwd=ROOT)      # the job runs in the submit dir
     job = submitted.strip().split(";")[0]
 
     # 1. mid-way (at least 6 of 22 steps on both ranks), SIGUSR1 to the batch shell alone

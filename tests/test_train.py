@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ONE_THREAD, ROOT, run_stage, run_stage_in_process
+from conftest import ONE_THREAD, ROOT, run_stage, run_stage_in_process, training_job
 from pipeline import train
 from pipeline.batchnorm import train_mode
 from pipeline.checkpoint import CheckpointError
 from pipeline.plan import make_plan
+from pipeline.preemption import RunControl
 from pipeline.recipe import load_recipe
 from pipeline.variants import build_model
 
@@ -85,7 +86,7 @@ def _job(shards, out, overrides=(), **kw):
     model, arch, args = build_model("tiny", 5, seed=section.seed)
     config = {"architecture": arch, "model_args": args, "num_classes": 5,
               "pretrained_cfg": {"test_input_size": [3, 32, 32], "crop_pct": 1.0}}
-    return train.Job("pretrain", section, model, shards, out, config, **kw)
+    return training_job("pretrain", section, model, config, shards, out, **kw)
 
 
 def test_a_split_named_validation_validates_the_run(demo_shards, tmp_path):
@@ -101,18 +102,16 @@ def test_a_split_named_validation_validates_the_run(demo_shards, tmp_path):
 
 
 def test_the_phases_by_name_and_the_typed_result(demo_shards, tmp_path):
-    """setup -> resume -> open_data -> train -> finish, called one by one as `run` does; the
-    result is a TrainResult (metrics only: no model, no accelerator in it)."""
+    """Trainer -> resume -> train -> finish, called one by one as `run` does; the result is a
+    TrainResult (metrics only: no model, no accelerator in it); the engine writes the stage's
+    config.json as it is."""
     job = _job(demo_shards["pretrain"], tmp_path, ["pretrain.checkpoint_every=2"],
-               record_keys=tmp_path / "keys")
-    t = train.Trainer(job)
-    t.setup()
-    assert t.plan.total_steps == 4 and t.step == 0
-    assert t.resume() is None                                    # nothing to resume yet
-    with t.sample_key_log() as log:
-        t.open_data(log)
+               sample_log=tmp_path / "keys")
+    with RunControl() as control:
+        t = train.Trainer(job, control)
+        assert t.plan is job.plan and t.step == 0
+        assert t.resume() is None                                # nothing to resume yet
         t.train()
-    assert log.closed                                            # the context manager closed it
     result = t.finish()
     assert isinstance(result, train.TrainResult) and result.steps == 4
     assert set(result.val) == {"ema", "raw"}                     # the demo shards have a val split
@@ -120,23 +119,26 @@ def test_the_phases_by_name_and_the_typed_result(demo_shards, tmp_path):
     assert metrics == pytest.approx(result.metrics())
     assert {"steps", "train_loss", "val_top1_ema", "val_nll_raw"} <= set(metrics)
     assert "compile_s" not in metrics                            # compile off
+    assert json.loads((tmp_path / "model" / "config.json").read_text()) == job.config
     lines = (tmp_path / "keys" / "rank0.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 0, 1, 1, 2, 2, 3, 3]   # 2 micro-batches
 
     # a second trainer of the same job finds the step-4 checkpoint in its resume phase
-    again = train.Trainer(_job(demo_shards["pretrain"], tmp_path, ["pretrain.checkpoint_every=2"]))
-    again.setup()
-    found = again.resume()
+    with RunControl() as control:
+        again = train.Trainer(_job(demo_shards["pretrain"], tmp_path,
+                                   ["pretrain.checkpoint_every=2"]), control)
+        found = again.resume()
     assert found is not None and found.name == "step-00000004" and again.step == 4
     assert again.cursor.offset > 0 or again.cursor.epoch > 0
 
 
 def test_resume_from_a_folder_that_is_not_a_checkpoint_names_the_complete_ones(demo_shards,
                                                                               tmp_path):
-    t = train.Trainer(_job(demo_shards["pretrain"], tmp_path, resume=str(tmp_path / "nope")))
-    t.setup()
-    with pytest.raises(CheckpointError, match="not a complete checkpoint folder"):
-        t.resume()
+    with RunControl() as control:
+        t = train.Trainer(_job(demo_shards["pretrain"], tmp_path, resume=str(tmp_path / "nope")),
+                          control)
+        with pytest.raises(CheckpointError, match="not a complete checkpoint folder"):
+            t.resume()
 
 
 def test_train_mode_freezes_bn_statistics_only_where_asked():

@@ -302,7 +302,7 @@ class StreamLayout:
         return max(1, self.loader_workers)
 
     @classmethod
-    def plan(cls, micro_batch: int, world: int, workers: int,
+    def for_run(cls, micro_batch: int, world: int, workers: int,
              num_streams: int | None = None) -> StreamLayout:
         fetches = max(1, workers)
         if num_streams is None:
