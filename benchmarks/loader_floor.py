@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import io
 import json
 import os
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     os.sched_setaffinity(0, {args.core})              # the loader workers inherit it
+    gc.freeze()      # every row then runs with the imports out of the collector's reach, as a
+                     # training process does once it starts its loader (pipeline/data/loader.py)
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     section = load_recipe(ROOT / "recipes" / args.recipe).pretrain
