@@ -167,3 +167,19 @@ def test_a_step_waiting_for_data_gets_one_line_saying_what_to_raise():
     assert "pretrain.loader.num_workers (now 1)" in line and "loader.decode=device" in line
     device = dataclasses.replace(loader, decode="device")
     assert "decode=device" not in train.data_wait_hint(0.6, "finetune", device, (1, 2))
+
+
+def test_a_run_whose_step_waits_for_data_says_so_once(demo_shards, tmp_path):
+    """DeepMind's examples made in the training process itself (no loader workers) for a tiny
+    net: the step waits for its data most of the time; the run says so once and records it."""
+    p = run_stage_in_process(
+        "pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), "--out",
+        str(tmp_path), "pretrain.train_res=48", "pretrain.steps=10", "pretrain.epochs=null",
+        "pretrain.warmup_steps=1", "pretrain.warmup_epochs=null", "pretrain.log_every=2",
+        "pretrain.eval_every=0", "pretrain.trackers=[]", "pretrain.loader.num_workers=0",
+        "pretrain.augment.randaugment_layers=4", "pretrain.augment.randaugment_magnitude=5",
+        "pretrain.augment.mixup_alpha=0.2", "pretrain.augment.cutmix_alpha=1.0",
+        "pretrain.augment.mix_pairs=disjoint", "pretrain.augment.randaugment_order=after_mix")
+    said = [ln for ln in (p.stdout + p.stderr).splitlines() if "waited for data" in ln]
+    assert len(said) == 1 and "pretrain.loader.num_workers (now 0)" in said[0]   # measured 45%
+    assert json.loads((tmp_path / "metrics.json").read_text())["data_wait_share"] > 0.25
