@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing import resource_sharer
 from typing import NoReturn
 
 import torch
@@ -216,9 +218,13 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     - the worker exits when its parent is gone: the kernel kills it (PR_SET_PDEATHSIG, Linux;
       the parent is the thread that first iterates the loader, the training thread), elsewhere
       a thread polls the parent pid every second.
+    - a batch the training process abandons half-received (a second Ctrl-C aborts it in the
+      middle of taking a batch's shared-memory handle from the worker) is not reported as a
+      traceback from the worker: `quiet_abandoned_handovers`.
     The blocked SIGTERM and the ignored signals are inherited by programs a worker starts
     (`pipe:` shard URLs); they end when the worker closes their pipe."""
     parent = os.getppid()
+    quiet_abandoned_handovers()
     for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):
@@ -226,6 +232,34 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
         threading.Thread(target=_sigterm_from_parent_only, args=(parent,), daemon=True,
                          name="sigterm-from-parent").start()
     _exit_with_parent(parent)
+
+
+# where multiprocessing's resource sharer reports the errors (a private name: None if it moves)
+_SHARER_LOOP = getattr(getattr(getattr(resource_sharer, "_ResourceSharer", None), "_serve", None),
+                       "__code__", None)
+
+
+def quiet_abandoned_handovers() -> None:
+    """In a loader worker: a handover of shared memory that the training process abandoned is
+    not printed as a traceback. A worker hands each batch's shared-memory file descriptor over
+    through multiprocessing's resource sharer (torch's file_descriptor strategy): a thread that
+    accepts one connection per batch from the training process. When a second Ctrl-C aborts the
+    training process in the middle of that exchange, the thread's accept() fails (EOFError, a
+    reset connection) and multiprocessing prints the traceback through `sys.excepthook` (its
+    `_serve` loop catches everything and reports it that way). Such an error means only that
+    the receiver is gone: the batch was never used. Every other exception still reaches the
+    previous hook, and none of the worker's own errors go through this hook (torch's worker loop
+    catches them and re-raises them in the training process)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        abandoned = (issubclass(kind, (EOFError, OSError, multiprocessing.AuthenticationError))
+                     and tb is not None and _SHARER_LOOP is not None
+                     and tb.tb_frame.f_code is _SHARER_LOOP)
+        if not abandoned:
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def _sigterm_from_parent_only(parent: int) -> None:
