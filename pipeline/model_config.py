@@ -85,8 +85,8 @@ class Preprocessing:
     """config.json's `pretrained_cfg`: how an image is prepared for the network at test time (and
     what resolution it was trained at). The raw fields are what the file says; `test_size` and
     `test_crop` resolve them the way timm's `resolve_data_config(..., use_test_size=True)` does."""
-    input_size: Size | None = None          # the training resolution; None: not recorded (a
-    test_input_size: Size | None = None     # random init); test: None means input_size
+    input_size: Size | None = None          # trained at; None: not recorded (a random init)
+    test_input_size: Size | None = None     # None: input_size
     crop_pct: float = TIMM_CROP_PCT
     test_crop_pct: float | None = None      # None: crop_pct
     crop_mode: str = TIMM_CROP_MODE         # "squash" (DeepMind's NFNets), "center", "border"
@@ -95,8 +95,14 @@ class Preprocessing:
     std: tuple[float, ...] = tuple(STD)
     classifier: str | tuple[str, ...] | None = None     # the module timm swaps for a new head
     first_conv: str | tuple[str, ...] | None = None     # the module timm adapts to in_chans
-    extra: dict[str, Any] = field(default_factory=dict)  # other keys (a published folder's
-    #                                     num_classes and license, timm's tag, pool_size, ...)
+    # other keys: a published folder's num_classes and license, timm's tag, pool_size, ...
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # sequences as tuples, however they were given, so that equal configs compare equal
+        for name in ("input_size", "test_input_size", "mean", "std", "classifier", "first_conv"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def test_size(self) -> Size:
@@ -142,9 +148,6 @@ class Preprocessing:
         for key in ("mean", "std"):
             if key in known:
                 known[key] = _numbers(known[key], f"{where}.{key}")
-        for key in ("classifier", "first_conv"):
-            if isinstance(known.get(key), list):
-                known[key] = tuple(known[key])
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
 
@@ -161,6 +164,9 @@ class ModelConfig:
     pretrained_cfg: Preprocessing = field(default_factory=Preprocessing)
     lineage: dict[str, Any] = field(default_factory=dict)    # the `nfnet_pipeline` block
     extra: dict[str, Any] = field(default_factory=dict)      # top-level keys not named above
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
 
     # -- what the stages ask ------------------------------------------------------------------
 
@@ -254,7 +260,7 @@ class ModelConfig:
                  "global_pool", "pretrained_cfg", "nfnet_pipeline"}
         return cls(architecture=data["architecture"], num_classes=data["num_classes"],
                    model_args=dict(data.get("model_args") or {}),
-                   label_names=tuple(str(n) for n in labels),
+                   label_names=tuple(labels),
                    num_features=data.get("num_features"),
                    global_pool=data.get("global_pool") or "avg",
                    pretrained_cfg=Preprocessing.from_dict(data.get("pretrained_cfg") or {},

@@ -103,7 +103,7 @@ def test_hub_init_reads_an_offline_cache_and_names_a_missing_model(tmp_path, dem
     code = (
         "import json, sys; from pipeline.transfer import load_init; "
         "src = load_init(sys.argv[1]); "
-        "print(json.dumps([src.config['architecture'], src.config['num_classes'], "
+        "print(json.dumps([src.config.architecture, src.config.num_classes, "
         "src.weights_label, float(src.state['head.fc.weight'].abs().sum())]))")
     p = run([sys.executable, "-c", code, "hf-hub:test-org/tiny-nfnet"], env=env)
     arch, classes, label, head = json.loads(p.stdout.strip().splitlines()[-1])
