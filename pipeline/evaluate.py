@@ -5,7 +5,7 @@ then the per-sample results are gathered to every process, ordered by position, 
 prediction for each of the manifest's samples, no gaps, no repeats.
 Metrics: top-1, top-5, NLL, expected calibration error, per-class accuracy, confusion matrix,
 inference throughput. The eval transform is timm's (`transforms_imagenet_eval`) at the test
-resolution, crop fraction, crop mode and interpolation of the checkpoint's config.json, with its
+resolution, crop fraction, crop mode and interpolation of the model's config.json, with its
 mean / std: the same numbers `timm.data.resolve_data_config(..., use_test_size=True)` gives.
 """
 from __future__ import annotations
@@ -21,10 +21,11 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import checkpoint as ckpt
 from pipeline.data.loader import EvalShards, make_loader
 from pipeline.data.manifest import SplitInfo
 from pipeline.data.transforms import MEAN, STD, eval_transform, normalize
+from pipeline.model_config import ModelConfig, ModelError
+from pipeline.model_dir import build_from_config, load_weights, model_weights
 from pipeline.runtime import compile_model
 
 
@@ -141,7 +142,7 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int) -> dict[
 
 @dataclass
 class EvalSettings:
-    """How a checkpoint is evaluated: the fields of timm's data config."""
+    """How a model is evaluated: the fields of timm's data config."""
     res: int | tuple[int, int]
     crop_pct: float
     crop_mode: str
@@ -154,46 +155,42 @@ class EvalSettings:
                               self.mean, self.std)
 
 
-def eval_settings(config: dict[str, Any], test_res: int | None = None,
+def eval_settings(config: ModelConfig, test_res: int | None = None,
                   crop_pct: float | None = None, interpolation: str | None = None
                   ) -> EvalSettings:
-    """The checkpoint's test resolution, crop fraction, crop mode, interpolation, mean and std
-    (config.json's `pretrained_cfg`, resolved with the precedence and defaults of timm's
-    `resolve_data_config(..., use_test_size=True)`); a recipe value, where given, wins."""
-    pc = config.get("pretrained_cfg") or {}
-    size = pc.get("test_input_size") or pc.get("input_size") or (3, 224, 224)
-    h, w = int(size[-2]), int(size[-1])
+    """The model's test resolution, crop fraction, crop mode, interpolation, mean and std
+    (config.json's `pretrained_cfg`, with pipeline/model_config.py's defaults: timm's, so these
+    are the numbers of `resolve_data_config(..., use_test_size=True)`); a recipe value, where
+    given, wins."""
+    pc = config.pretrained_cfg
+    h, w = pc.test_size[-2:]
     res: int | tuple[int, int] = test_res or (h if h == w else (h, w))
-    return EvalSettings(
-        res=res,
-        crop_pct=float(crop_pct or pc.get("test_crop_pct") or pc.get("crop_pct") or 0.875),
-        crop_mode=pc.get("crop_mode") or "center",
-        interpolation=interpolation or pc.get("interpolation") or "bicubic",
-        mean=tuple(pc.get("mean") or MEAN), std=tuple(pc.get("std") or STD))
+    return EvalSettings(res=res, crop_pct=float(crop_pct or pc.test_crop), crop_mode=pc.crop_mode,
+                        interpolation=interpolation or pc.interpolation, mean=pc.mean, std=pc.std)
 
 
 def load_models(folder, wanted: list[str], device: torch.device | str = "cpu"
-                ) -> tuple[dict[str, nn.Module], dict[str, Any], list[str]]:
+                ) -> tuple[dict[str, nn.Module], ModelConfig, list[str]]:
     """({label: model}, config, messages) for the weights in `wanted` (ema, raw) that the model
     folder has, each file loaded once; a published folder's single file is labelled `published`."""
-    config = ckpt.read_model_config(folder)
+    config = ModelConfig.load(folder)
     models, seen, messages = {}, set(), []
     for w in wanted:
         try:
-            path, label, message = ckpt.model_weights(folder, w)
-        except ckpt.CheckpointError as e:
+            path, label, message = model_weights(folder, w)
+        except ModelError as e:
             messages.append(f"skipping {w} weights: {e}")
             continue
         if path in seen:
             continue
         seen.add(path)
         messages += [message] if message else []
-        model = ckpt.load_weights(ckpt.build_from_config(config), load_file(str(path)), path, config)
+        model = load_weights(build_from_config(config), load_file(str(path)), path, config)
         models[label] = model.to(device).eval()
     return models, config, messages
 
 
-def validate(models: dict[str, nn.Module], split: SplitInfo, config: dict[str, Any], *,
+def validate(models: dict[str, nn.Module], split: SplitInfo, config: ModelConfig, *,
              batch: int, workers: int, device: torch.device, rank: int = 0, world: int = 1,
              autocast: Any | None = None, bins: int = 15, test_res: int | None = None,
              crop_pct: float | None = None, interpolation: str | None = None,
@@ -208,7 +205,7 @@ def validate(models: dict[str, nn.Module], split: SplitInfo, config: dict[str, A
         preds = predict(compiled(model) if compile else model, split, transform, batch=batch,
                         workers=workers, device=device, rank=rank, world=world, autocast=autocast,
                         mean=settings.mean, std=settings.std)
-        out[name] = compute_metrics(preds, ckpt.class_names_of(config), bins)
+        out[name] = compute_metrics(preds, config.class_names, bins)
         out[name].update(test_res=settings.res, crop_pct=settings.crop_pct,
                          crop_mode=settings.crop_mode, interpolation=settings.interpolation)
     return out

@@ -15,6 +15,7 @@ the config builds, never assumed, so a non-NFNet timm model publishes the same w
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -25,10 +26,11 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import checkpoint as ckpt
 from pipeline.files import atomic_dir, sha256_file
 from pipeline.lineage import run_data, scored_record, shard_data
 from pipeline.model_card import model_card
+from pipeline.model_config import ModelConfig, Preprocessing
+from pipeline.model_dir import build_from_config, weights_file, weights_mismatch
 from pipeline.recipe import PublishSection
 
 WEIGHTS = "model.safetensors"
@@ -46,10 +48,10 @@ class PublishError(RuntimeError):
 # The model: its own facts, and weights that fit it
 # ------------------------------------------------------------------------------------------------
 
-def meta_model(config: dict[str, Any]) -> nn.Module:
+def meta_model(config: ModelConfig) -> nn.Module:
     """The timm network config.json describes, on the meta device (no memory, no weights)."""
     with torch.device("meta"):
-        return ckpt.build_from_config(config)
+        return build_from_config(config)
 
 
 def _global_pool(model: nn.Module, default: str) -> str:
@@ -64,7 +66,7 @@ def _global_pool(model: nn.Module, default: str) -> str:
 def check_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path,
                   arch: str) -> None:
     """Refuse weights that do not fit the network (names and shapes), or that are not finite."""
-    problem = ckpt.weights_mismatch(model, state)
+    problem = weights_mismatch(model, state)
     if problem is not None:
         raise PublishError(f"{source}: the tensors do not match the architecture {arch} in "
                            f"config.json: {problem}. Publish the model folder the training stage "
@@ -75,67 +77,58 @@ def check_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
                            f"publish an earlier checkpoint")
 
 
-def _preprocessing(config: dict[str, Any], own: dict[str, Any],
-                   metrics: dict[str, Any] | None) -> dict[str, Any]:
-    # The run's settings over the architecture's timm defaults; an evaluation's crop and
-    # interpolation over both, so that what timm reproduces at test time is what the card's
-    # figures were measured with. The test size is always the model's own: metrics at another
-    # resolution are refused (or, forced, not passed here).
-    run = config.get("pretrained_cfg") or {}
-    pc: dict[str, Any] = {"input_size": list(run.get("input_size") or own["input_size"])}
-    pc["test_input_size"] = list(run.get("test_input_size") or pc["input_size"])
-    pc["crop_pct"] = run.get("crop_pct", own.get("crop_pct"))
-    pc["test_crop_pct"] = run.get("test_crop_pct", pc["crop_pct"])
-    for key in ("crop_mode", "interpolation", "mean", "std"):
-        pc[key] = run.get(key, own.get(key))
+def _preprocessing(config: ModelConfig, model: nn.Module, license: str | None,
+                   metrics: dict[str, Any] | None) -> Preprocessing:
+    """The published `pretrained_cfg`: the run's settings, every size and crop stated (as
+    model_config.py resolves them); an evaluation's crop and interpolation over them, so that
+    what timm reproduces at test time is what the card's figures were measured with (the test
+    size is always the model's own: metrics at another resolution are refused, or, forced, not
+    passed here); classifier and first conv from the built model; the class count and license."""
+    own = getattr(model, "pretrained_cfg", None) or {}        # the architecture's timm defaults
+    pc = dataclasses.replace(config.pretrained_cfg.resolved(), classifier=own.get("classifier"),
+                             first_conv=own.get("first_conv"), extra={})
     if metrics:
-        pc["test_crop_pct"] = metrics.get("crop_pct", pc["test_crop_pct"])
-        for key in ("crop_mode", "interpolation"):         # timm has one of each, used at test time
-            pc[key] = metrics.get(key, pc[key])
-    return pc
+        pc = dataclasses.replace(pc, test_crop_pct=metrics.get("crop_pct", pc.test_crop_pct),
+                                 crop_mode=metrics.get("crop_mode", pc.crop_mode),
+                                 interpolation=metrics.get("interpolation", pc.interpolation))
+    extra = {"num_classes": model.num_classes, **({"license": license} if license else {})}
+    return dataclasses.replace(pc, extra=extra)
 
 
-def hub_config(config: dict[str, Any], model: nn.Module, license: str | None = None,
-               metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def hub_config(config: ModelConfig, model: nn.Module, license: str | None = None,
+               metrics: dict[str, Any] | None = None) -> ModelConfig:
     """config.json for timm. Preprocessing comes from the run (crop and interpolation from the
     evaluation when there is one, so the card's figures are what timm reproduces; `metrics` must
     be this model's, see lineage.provenance_problems); classifier, first conv, features and
-    pooling from the built model."""
-    own = dict(getattr(model, "pretrained_cfg", None) or {})     # the architecture's timm defaults
-    pc = _preprocessing(config, own, metrics)
-    pc["classifier"] = own.get("classifier")
-    pc["first_conv"] = own.get("first_conv")
-    pc["num_classes"] = model.num_classes
-    if license:
-        pc["license"] = license
-    labels = list(config.get("label_names") or [])
-    if labels and len(labels) != model.num_classes:
-        raise PublishError(f"config.json names {len(labels)} labels for {model.num_classes} "
-                           f"classes: the model folder is inconsistent; re-run its stage")
-    out = {"architecture": config["architecture"], "model_args": config.get("model_args", {}),
-           "num_classes": model.num_classes, "num_features": int(model.num_features),
-           "global_pool": _global_pool(model, config.get("global_pool", "avg")),
-           "label_names": labels, "pretrained_cfg": pc}
-    if "nfnet_pipeline" in config:
-        out["nfnet_pipeline"] = config["nfnet_pipeline"]
-    return out
+    pooling from the built model. Keys of the model folder's config.json that timm and this
+    project do not read (ModelConfig.extra) are not published."""
+    if config.label_names and len(config.label_names) != model.num_classes:
+        raise PublishError(f"config.json names {len(config.label_names)} labels for "
+                           f"{model.num_classes} classes: the model folder is inconsistent; "
+                           f"re-run its stage")
+    return ModelConfig(architecture=config.architecture, model_args=config.model_args,
+                       num_classes=model.num_classes, num_features=int(model.num_features),
+                       global_pool=_global_pool(model, config.global_pool),
+                       label_names=config.label_names,
+                       pretrained_cfg=_preprocessing(config, model, license, metrics),
+                       lineage=config.lineage)
 
 
-def _check_named_layers(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def _check_named_layers(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
     # timm uses these names to swap the head (num_classes=...) and adapt the stem (in_chans=...)
     for key in ("classifier", "first_conv"):
-        names = cfg["pretrained_cfg"][key]
+        names = getattr(cfg.pretrained_cfg, key)
         for name in [names] if isinstance(names, str) else list(names or []):
-            if key == "classifier" and cfg["num_classes"] == 0:
+            if key == "classifier" and cfg.num_classes == 0:
                 continue
             if f"{name}.weight" not in state:
-                raise PublishError(f"timm's {key} for {cfg['architecture']} is '{name}', but the "
+                raise PublishError(f"timm's {key} for {cfg.architecture} is '{name}', but the "
                                    f"weights have no '{name}.weight'")
 
 
 def weights_to_publish(model_dir: Path, weights: str) -> Path:
     """The file `export_folder` publishes for publish.weights (ema / raw)."""
-    return ckpt.weights_file(model_dir, weights)
+    return weights_file(model_dir, weights)
 
 
 def metrics_for(metrics: dict[str, Any], weights: str, source: Path) -> dict[str, Any]:
@@ -194,17 +187,17 @@ def export_folder(model_dir: Path, out: Path, section: PublishSection,
     `extra_texts`: {relative path: text} written as well (the publish stage's own recipe).
     `unchecked`: why `metrics` could not be tied to these weights (publish was forced past
     lineage.provenance_problems): config.json then takes nothing from them and the card says so."""
-    config = ckpt.read_model_config(model_dir)
+    config = ModelConfig.load(model_dir)
     weights = weights_to_publish(model_dir, section.weights)
     model = meta_model(config)
     state = load_file(str(weights))
-    check_weights(model, state, weights, config["architecture"])
+    check_weights(model, state, weights, config.architecture)
     cfg = hub_config(config, model, section.license, None if unchecked else metrics)
     _check_named_layers(cfg, state)
     _check_destination(out, weights, force)
     recipes = {stage: yaml.safe_load(p.read_text()) for stage, p in recipe_files.items()}
     num_params = sum(t.numel() for t in state.values())
-    texts = {"config.json": json.dumps(cfg, indent=2) + "\n", **(extra_texts or {})}
+    texts = {"config.json": cfg.to_json(), **(extra_texts or {})}
     if metrics is not None:
         texts["metrics.json"] = json.dumps(metrics, indent=2) + "\n"
     texts["README.md"] = model_card(cfg, section, metrics, recipes, num_params, repo,

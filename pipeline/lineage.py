@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from pipeline import checkpoint as ckpt
 from pipeline.data.manifest import ManifestError, manifest_path, read_manifest
 from pipeline.files import sha256_file
+from pipeline.model_config import ModelConfig, ModelError
 
 # An init that is no model folder: from scratch (`none:<variant>`) or another timm model's weights.
 _NOT_A_FOLDER = ("none:", "timm:")
@@ -30,7 +30,7 @@ def data_lineage(shards: str | Path, shard_url: str | None) -> dict[str, Any]:
     return {"shards": str(shards), "shard_url": shard_url,
             "manifest_sha256": sha256_file(manifest_path(shards))}
 
-def lineage_recipes(model_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
+def lineage_recipes(model_dir: Path, config: ModelConfig) -> dict[str, Path]:
     """{stage: recipe.resolved.yaml} found by walking the model folders' `init` links back from
     `model_dir` (each stage writes `<out>/recipe.resolved.yaml` next to `<out>/model/`)."""
     found: dict[str, Path] = {}
@@ -46,24 +46,24 @@ def lineage_recipes(model_dir: Path, config: dict[str, Any]) -> dict[str, Path]:
             for stage in ("finetune", "pretrain"):
                 if stage in doc:
                     found.setdefault(stage, resolved)
-        init = _init(cfg)
+        init = cfg.init
         if not init or init.startswith(_NOT_A_FOLDER) or not Path(init).is_dir():
             break
         folder = Path(init)
         try:
-            cfg = ckpt.read_model_config(folder)
-        except ckpt.CheckpointError:
+            cfg = ModelConfig.load(folder)
+        except ModelError:
             break
     return found
 
 
-def missing_recipe_notes(model_dir: Path, config: dict[str, Any],
+def missing_recipe_notes(model_dir: Path, config: ModelConfig,
                          recipe_files: dict[str, Path]) -> list[str]:
     """A note for each training run whose resolved recipe was not found (the card will not
     describe it). A model trained from scratch or from timm weights had no pre-training run."""
     notes = []
     for stage in ("pretrain", "finetune"):
-        no_run = stage == "pretrain" and _init(config).startswith(_NOT_A_FOLDER)
+        no_run = stage == "pretrain" and config.init.startswith(_NOT_A_FOLDER)
         if stage in recipe_files or no_run:
             continue
         fix = " (pass --pretrain-recipe)" if stage == "pretrain" else ""
@@ -72,15 +72,14 @@ def missing_recipe_notes(model_dir: Path, config: dict[str, Any],
     return notes
 
 
-def evaluation_notes(config: dict[str, Any], metrics: dict[str, Any] | None) -> list[str]:
+def evaluation_notes(config: ModelConfig, metrics: dict[str, Any] | None) -> list[str]:
     """A note for each test setting (crop, interpolation) that an evaluation of this very model
     used and its folder does not: config.json records the evaluated one, so the card's figures
     reproduce. (A different test resolution is refused: `provenance_problems`.)"""
-    pc = config.get("pretrained_cfg", {})
+    pc = config.pretrained_cfg
     notes = []
-    for key, ours in (("crop_pct", pc.get("test_crop_pct", pc.get("crop_pct"))),
-                      ("interpolation", pc.get("interpolation"))):
-        if metrics and key in metrics and ours is not None and metrics[key] != ours:
+    for key, ours in (("crop_pct", pc.test_crop), ("interpolation", pc.interpolation)):
+        if metrics and key in metrics and metrics[key] != ours:
             notes.append(f"evaluated with {key}={metrics[key]} (the model folder says {ours}); "
                          f"config.json records the evaluated setting")
     return notes
@@ -112,13 +111,13 @@ def _px(res: tuple[int, int] | None) -> str:
     return f"{res[0]} px" if res[0] == res[1] else f"{res[0]}x{res[1]} px"
 
 
-def model_test_res(config: dict[str, Any]) -> tuple[int, int] | None:
-    """The model's test resolution as timm reads it (test_input_size, else input_size)."""
-    pc = config.get("pretrained_cfg") or {}
-    return _resolution(pc.get("test_input_size") or pc.get("input_size"))
+def model_test_res(config: ModelConfig) -> tuple[int, int]:
+    """The model's test resolution as timm and the evaluate stage read it (model_config.py)."""
+    h, w = config.pretrained_cfg.test_size[-2:]
+    return h, w
 
 
-def provenance_problems(config: dict[str, Any], metrics: dict[str, Any], weights_file: Path,
+def provenance_problems(config: ModelConfig, metrics: dict[str, Any], weights_file: Path,
                         weights: str) -> list[str]:
     """What shows that `metrics` were not measured on this model: the sha256 of `weights_file`
     (the file being published, labelled `weights`), config.json's label names and its test
@@ -136,7 +135,7 @@ def provenance_problems(config: dict[str, Any], metrics: dict[str, Any], weights
                f"none (it scored {', '.join(scored.get('weights') or {}) or 'no'} weights)")
         problems.append(f"{weights} weights: expected the sha256 of {weights_file} "
                         f"({sha[:12]}), got {got}")
-    ours = ckpt.class_names_of(config)         # as the evaluate stage reads them
+    ours = config.class_names                  # as the evaluate stage reads them
     theirs_names = [str(n) for n in scored.get("class_names") or []]
     if theirs_names != ours:
         problems.append(f"classes: expected config.json label_names {_few(ours)}, got "
@@ -191,6 +190,3 @@ def run_data(doc: dict[str, Any]) -> dict[str, Any]:
         return {"missing": "its resolved recipe records no shards"}
     return shard_data(res["shards"], res.get("manifest_sha256"))
 
-
-def _init(config: dict[str, Any]) -> str:
-    return str(config.get("nfnet_pipeline", {}).get("init") or "")

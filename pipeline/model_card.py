@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from pipeline.model_config import ModelConfig
 from pipeline.recipe import PublishSection
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -23,7 +24,7 @@ TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 RUNS = (("pretrain", "pre-trained", "Pre-training"), ("finetune", "fine-tuned", "Fine-tuning"))
 
 
-def model_card(cfg: dict[str, Any], section: PublishSection, metrics: dict[str, Any] | None,
+def model_card(cfg: ModelConfig, section: PublishSection, metrics: dict[str, Any] | None,
                recipes: dict[str, dict[str, Any]], num_params: int, repo: str | None, *,
                data: dict[str, dict[str, Any]] | None = None,
                unchecked: list[str] | None = None) -> str:
@@ -34,18 +35,18 @@ def model_card(cfg: dict[str, Any], section: PublishSection, metrics: dict[str, 
     finetune), `repo` the Hub repo it is pushed to (None: a placeholder in the usage example),
     `data` lineage.shard_data by stage (pretrain, finetune, evaluate), `unchecked` why the
     metrics could not be tied to these weights (publish was forced): the card says so."""
-    arch, pc = cfg["architecture"], cfg["pretrained_cfg"]
+    arch = cfg.architecture
     data = data or {}
-    test_res = pc["test_input_size"][-1]
+    test_res = cfg.pretrained_cfg.test_size[-1]
     about = ("An NFNet (Brock et al. 2021, \"High-Performance Large-Scale Image Recognition "
              "Without Normalization\")" if "nfnet" in arch else f"A timm `{arch}`")
     evaluated = _source(data.get("evaluate"))
     text = Template(TEMPLATE.read_text(encoding="utf-8")).substitute(
         front_matter=_front_matter(section, metrics).to_yaml(),
         model_name=section.model_name, about=about, arch=arch,
-        variant=cfg.get("nfnet_pipeline", {}).get("variant", arch),
-        params=f"{num_params / 1e6:.3f}", num_classes=cfg["num_classes"],
-        runs=_runs(recipes, data), model_args=json.dumps(cfg.get("model_args", {})),
+        variant=cfg.variant,
+        params=f"{num_params / 1e6:.3f}", num_classes=cfg.num_classes,
+        runs=_runs(recipes, data), model_args=json.dumps(cfg.model_args),
         datasets=_data_line(section, recipes, data),
         training="\n".join(_training_lines(recipes, data)), weights=section.weights,
         evaluation=_evaluation(section, metrics, test_res, evaluated, unchecked or []),
@@ -181,22 +182,22 @@ def _evaluation(section: PublishSection, metrics: dict[str, Any] | None, test_re
         f"{metrics.get('ece', nan):.4f} |")
 
 
-def _limit_lines(cfg: dict[str, Any], metrics: dict[str, Any] | None,
+def _limit_lines(cfg: ModelConfig, metrics: dict[str, Any] | None,
                  dataset: str) -> list[str]:
-    pc = cfg["pretrained_cfg"]
-    labels = [str(x) for x in cfg.get("label_names") or []]
+    pc = cfg.pretrained_cfg
+    labels = list(cfg.label_names)
     named = ""
     if labels:
         named = f" ({', '.join(labels[:20])}{' ...' if len(labels) > 20 else ''})"
     lines = [
-        f"- It knows {len(labels) or cfg['num_classes']} classes{named}; any other image is still "
+        f"- It knows {len(labels) or cfg.num_classes} classes{named}; any other image is still "
         f"put into one of them.",
-        f"- Use the test resolution ({pc['test_input_size'][-1]} px, crop "
-        f"{pc.get('test_crop_pct')}, {pc.get('crop_mode')}), which "
+        f"- Use the test resolution ({pc.test_size[-1]} px, crop "
+        f"{pc.test_crop}, {pc.crop_mode}), which "
         f"`resolve_data_config(..., use_test_size=True)` gives.",
         f"- The figures hold for data like the {dataset} evaluation split; other domains need "
         f"evaluating (and likely fine-tuning)." if metrics else "- Its accuracy is unknown."]
-    if cfg.get("nfnet_pipeline", {}).get("variant") == "tiny":
+    if cfg.variant == "tiny":
         lines.append("- This is the CPU demo model (a tiny NFNet trained for minutes): it shows "
                      "the pipeline works and is not meant for real use.")
     return lines

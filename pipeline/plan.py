@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.data.mixing import images_per_example
 from pipeline.data.reader import StreamLayout
+from pipeline.model_config import ModelConfig
 from pipeline.recipe import TrainSection
 
 
@@ -87,16 +88,16 @@ def training_flops_per_image(model: nn.Module, res: int) -> float:
     return float(counter.get_total_flops())
 
 
-def describe(plan: Plan, section: TrainSection, model: nn.Module, config: dict[str, Any]) -> dict:
+def describe(plan: Plan, section: TrainSection, model: nn.Module, config: ModelConfig) -> dict:
     """The resolved plan that --dry-run prints: everything a user checks before a long run."""
     aug = section.augment
     flops = training_flops_per_image(model, section.train_res)
     passes = 2 if section.sam_rho else 1
     return {
-        "variant": config.get("nfnet_pipeline", {}).get("variant", config["architecture"]),
-        "architecture": config["architecture"],
+        "variant": config.variant,
+        "architecture": config.architecture,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "num_classes": config["num_classes"],
+        "num_classes": config.num_classes,
         "train_res": section.train_res, "test_res": section.test_res,
         "train_gflops_per_image": round(flops * passes / 1e9, 3),
         "samples": plan.num_samples, "processes": plan.processes,
@@ -121,7 +122,7 @@ def describe(plan: Plan, section: TrainSection, model: nn.Module, config: dict[s
     }
 
 
-def dry_run_report(plan: Plan, section: TrainSection, model: nn.Module, config: dict[str, Any],
+def dry_run_report(plan: Plan, section: TrainSection, model: nn.Module, config: ModelConfig,
                    fmt: str) -> str:
     """--dry-run output: one JSON object, or aligned `key: value` lines."""
     desc = describe(plan, section, model, config)

@@ -45,6 +45,8 @@ from pipeline.data.reader import Cursor, TrainStreams, advance, rescale_cursor
 from pipeline.data.shard_reader import DataError
 from pipeline.evaluate import validate
 from pipeline.files import atomic_dir, atomic_write_text
+from pipeline.model_config import ModelConfig
+from pipeline.model_dir import save_model_dir
 from pipeline.plan import Plan
 from pipeline.preemption import Preempted, RunControl
 from pipeline.recipe import LoaderSection, TrainSection, to_dict
@@ -67,7 +69,7 @@ class Job:
     stage: str                      # "pretrain" or "finetune"
     section: TrainSection
     model: nn.Module
-    config: dict[str, Any]          # config.json exactly as the model folder will hold it
+    config: ModelConfig             # config.json exactly as the model folder will hold it
     split: SplitInfo                # the training split
     val_split: SplitInfo | None     # validation points and the final validation, if any
     plan: Plan
@@ -419,7 +421,7 @@ class Trainer:
         job, acc, m = self.job, self.acc, self.meter
         ema = self.ema.module if self.ema is not None else None
         if acc.is_main_process:
-            ckpt.save_model_dir(self.out / "model", self.model, ema, job.config)
+            save_model_dir(self.out / "model", self.model, ema, job.config)
         acc.wait_for_everyone()
         bad = int(acc.reduce(torch.tensor(len(self.bad), device=self.device), "sum").item()
                   if acc.num_processes > 1 else len(self.bad))

@@ -22,6 +22,7 @@ from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.data.manifest import ManifestError, SplitInfo, load_split, read_manifest, split_name
 from pipeline.files import WriteError
 from pipeline.lineage import data_lineage
+from pipeline.model_config import ModelConfig
 from pipeline.plan import Plan, dry_run_report, make_plan
 from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED, hold_stop_signals
 from pipeline.recipe import Recipe, TrainSection, write_resolved
@@ -34,7 +35,7 @@ class Built:
     """What a training stage builds before training: the model, its config.json (without the
     run's facts, which the flow adds), and what the stage has to say about them."""
     model: nn.Module
-    config: dict[str, Any]
+    config: ModelConfig
     init_fingerprint: str = ""               # finetune: the initial weights, part of the identity
     messages: list[str] = field(default_factory=list)
     resolved: dict[str, Any] = field(default_factory=dict)   # more for recipe.resolved.yaml
@@ -74,10 +75,9 @@ def training_stage(stage: str, doc: str, build: Build, argv: list[str] | None,
         assert data.split is not None                      # --shards is required past a dry run
         identity = Identity(stage, resuming.settings(section), tuple(data.split.urls),
                             tuple(data.split.shard_lengths), built.init_fingerprint)
-        config = dict(built.config)                        # the run's facts, known now
-        config["nfnet_pipeline"] = {**config.get("nfnet_pipeline", {}), "stage": stage,
-                                    "step": plan.total_steps, "fingerprint": identity.fingerprint,
-                                    "mixed_precision": runtime.mixed_precision(section.precision)}
+        config = built.config.with_lineage(                # the run's facts, known now
+            stage=stage, step=plan.total_steps, fingerprint=identity.fingerprint,
+            mixed_precision=runtime.mixed_precision(section.precision))
         job = train.Job(stage, section, built.model, config, data.split, data.val_split, plan,
                         identity, args.out, resume=args.resume, sample_log=args.sample_log)
         # written once the output folder is this run's (its lock, a run to continue or start)
@@ -232,7 +232,7 @@ def _fail_once(message: str, code: int) -> None:
 
 
 def plan_or_exit(args: argparse.Namespace, section: TrainSection, stage: str, num_samples: int,
-                 model, config: dict) -> Plan:
+                 model, config: ModelConfig) -> Plan:
     """The run's plan; with --dry-run, print it and exit 0. A plan that cannot work exits 2."""
     processes = args.processes if args.dry_run and args.processes else runtime.num_processes()
     if processes < 1:

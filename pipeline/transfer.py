@@ -18,7 +18,7 @@ initialised as the recipe says (zeros, as in DeepMind's fine-tuning code).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,18 +28,21 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline import checkpoint as ckpt
+from pipeline.checkpoint import fingerprint
 from pipeline.dm_checkpoint import DeepMindCheckpointError, infer_variant, read_params, to_timm_state
 from pipeline.files import sha256_file
+from pipeline.model_config import ModelConfig, ModelError, Preprocessing
+from pipeline.model_dir import build_from_config, load_weights, model_weights
 from pipeline.recipe import FinetuneSection
 from pipeline.variants import VARIANTS, build_model, set_stochastic_depth
 
 
 @dataclass
 class InitSource:
-    """What fine-tuning starts from: a config.json-like dict, its weights, and a fingerprint that
-    makes `--resume auto` refuse checkpoints of a run from other initial weights."""
-    config: dict[str, Any]
+    """What fine-tuning starts from: a config (read from the init's config.json, or made here for
+    the inits that have none), its weights, and a fingerprint that makes `--resume auto` refuse
+    checkpoints of a run from other initial weights."""
+    config: ModelConfig
     state: dict[str, torch.Tensor]
     fingerprint: str
     weights_label: str                      # ema | raw | published | <file> | scratch
@@ -62,42 +65,49 @@ def load_init(init: str, weights: str = "ema", seed: int = 0) -> InitSource:
         return deepmind_init(init[len("dm:"):])
     folder = Path(init)
     if not folder.is_dir():
-        raise ckpt.CheckpointError(
+        raise ModelError(
             f"'{init}' is not a folder. Give a model folder (runs/pretrain/model), a published "
             f"folder, timm:<architecture>=<weights.safetensors>, hf-hub:<org>/<name>, "
             f"dm:<F0_haiku.npz> or none:<variant>")
-    config = ckpt.read_model_config(folder)
-    path, label, message = ckpt.model_weights(folder, weights)
+    config = ModelConfig.load(folder)
+    path, label, message = model_weights(folder, weights)
     state = load_file(str(path))
-    _fill_num_classes(config, state)
-    return InitSource(config, state, ckpt.fingerprint(str(folder), label, sha256_file(path)),
-                      label, [message] if message else [])
+    return InitSource(_with_num_classes(config, state), state,
+                      fingerprint(str(folder), label, sha256_file(path)), label,
+                      [message] if message else [])
 
 
 def timm_init(init: str) -> InitSource:
     """`timm:<architecture>=<weights.safetensors>`: a timm model and a local state dict."""
     spec = init[len("timm:"):]
     if "=" not in spec:
-        raise ckpt.CheckpointError("write timm:<architecture>=<weights.safetensors> (no download "
+        raise ModelError("write timm:<architecture>=<weights.safetensors> (no download "
                                    "happens: the weights must be a local file)")
     arch, path = spec.split("=", 1)
     if not timm.is_model(arch):
         near = timm.list_models(f"*{arch.split('.')[0][:12]}*")[:8]
-        raise ckpt.CheckpointError(f"timm has no architecture '{arch}'"
-                                   + (f"; similar: {', '.join(near)}" if near else ""))
+        raise ModelError(f"timm has no architecture '{arch}'"
+                         + (f"; similar: {', '.join(near)}" if near else ""))
     if not Path(path).is_file():
-        raise ckpt.CheckpointError(f"weights file {path} not found")
+        raise ModelError(f"weights file {path} not found")
     if not path.endswith(".safetensors"):
-        raise ckpt.CheckpointError(f"{path}: only .safetensors weights are read (no pickle); "
-                                   f"convert with safetensors.torch.save_file(model.state_dict(), ...)")
+        raise ModelError(f"{path}: only .safetensors weights are read (no pickle); "
+                         f"convert with safetensors.torch.save_file(model.state_dict(), ...)")
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False)
-    pc = {k: v for k, v in model.pretrained_cfg.items() if isinstance(v, (str, int, float, tuple, list))}
-    config = {"architecture": arch, "model_args": {}, "num_classes": model.num_classes,
-              "label_names": [], "pretrained_cfg": pc, "nfnet_pipeline": {"variant": arch}}
+    config = ModelConfig(architecture=arch, num_classes=model.num_classes,
+                         pretrained_cfg=_timm_preprocessing(model, f"timm:{arch}"),
+                         lineage={"variant": arch})
     state = load_file(path)
-    _fill_num_classes(config, state)
-    return InitSource(config, state, ckpt.fingerprint(arch, sha256_file(path)), Path(path).name)
+    return InitSource(_with_num_classes(config, state), state, fingerprint(arch, sha256_file(path)),
+                      Path(path).name)
+
+
+def _timm_preprocessing(model: nn.Module, source: str) -> Preprocessing:
+    """A timm model's own pretrained_cfg (its plain values) as this project reads one."""
+    pc = {k: v for k, v in model.pretrained_cfg.items()
+          if isinstance(v, (str, int, float, tuple, list))}
+    return Preprocessing.from_dict(pc, f"{source}: pretrained_cfg")
 
 
 def hub_init(repo: str) -> InitSource:
@@ -114,18 +124,16 @@ def hub_init(repo: str) -> InitSource:
         why = (f"it is not in the Hugging Face cache {HF_HUB_CACHE}" +
                (" (HF_HUB_OFFLINE=1: the Hub is not asked)" if HF_HUB_OFFLINE else
                 " and the Hub did not give it"))
-        raise ckpt.CheckpointError(
+        raise ModelError(
             f"hf-hub:{repo}: {why} ({type(e).__name__}). Download it once where the Hub can be "
             f"reached (`hf download {repo}`), or set HF_HUB_CACHE to a cache that holds it") from None
-    hub_cfg = json.loads(config_file.read_text())
-    arch = hub_cfg.get("architecture", model.default_cfg.get("architecture"))
-    pc = {k: v for k, v in model.pretrained_cfg.items()
-          if isinstance(v, (str, int, float, tuple, list))}
-    config = {"architecture": arch, "model_args": hub_cfg.get("model_args", {}),
-              "num_classes": model.num_classes, "label_names": hub_cfg.get("label_names") or [],
-              "pretrained_cfg": pc, "nfnet_pipeline": {"variant": arch, "hub": repo}}
+    hub_cfg = ModelConfig.load(config_file)
+    # the preprocessing timm resolved for the model (its config.json over the architecture's)
+    config = dataclasses.replace(hub_cfg, num_classes=model.num_classes,
+                                 pretrained_cfg=_timm_preprocessing(model, f"hf-hub:{repo}"),
+                                 lineage={"variant": hub_cfg.architecture, "hub": repo})
     revision = config_file.parent.name                  # the snapshot's commit hash
-    return InitSource(config, model.state_dict(), ckpt.fingerprint("hf-hub", repo, revision),
+    return InitSource(config, model.state_dict(), fingerprint("hf-hub", repo, revision),
                       f"hf-hub:{repo}@{revision[:12]}",
                       [f"from the Hugging Face Hub: {repo} (revision {revision[:12]}, cached "
                        f"at {config_file.parent})"])
@@ -139,17 +147,16 @@ def deepmind_init(path: str) -> InitSource:
         v = VARIANTS[variant]
         state = to_timm_state(params, v.depths)
     except DeepMindCheckpointError as e:
-        raise ckpt.CheckpointError(f"dm:{path}: {e}") from None
+        raise ModelError(f"dm:{path}: {e}") from None
     num_classes = int(state["head.fc.weight"].shape[0])
-    # whether the parameters fit is checked where they are loaded (checkpoint.load_weights)
-    arch, model_args = v.timm_arch, v.model_args()
-    config = {"architecture": arch, "model_args": model_args, "num_classes": num_classes,
-              "label_names": [],
-              "pretrained_cfg": {"input_size": [3, v.train_res, v.train_res],
-                                 "test_input_size": [3, v.test_res, v.test_res],
-                                 "crop_mode": v.crop_mode, "crop_pct": v.crop_pct},
-              "nfnet_pipeline": {"variant": variant, "deepmind_checkpoint": str(path)}}
-    return InitSource(config, state, ckpt.fingerprint("dm", sha256_file(path)), Path(path).name,
+    # whether the parameters fit is checked where they are loaded (model_dir.load_weights)
+    config = ModelConfig(
+        architecture=v.timm_arch, num_classes=num_classes, model_args=v.model_args(),
+        pretrained_cfg=Preprocessing(input_size=(3, v.train_res, v.train_res),
+                                     test_input_size=(3, v.test_res, v.test_res),
+                                     crop_mode=v.crop_mode, crop_pct=v.crop_pct),
+        lineage={"variant": variant, "deepmind_checkpoint": str(path)})
+    return InitSource(config, state, fingerprint("dm", sha256_file(path)), Path(path).name,
                       [f"DeepMind checkpoint {path}: NFNet-{variant.upper()}, {num_classes} "
                        f"classes, {sum(t.numel() for t in state.values()):,} parameters"])
 
@@ -158,24 +165,26 @@ def scratch_init(variant: str, seed: int = 0) -> InitSource:
     """A randomly initialised variant, as if it were a pretrained checkpoint: the from-scratch
     baseline that fine-tuning is compared against (same budget, same new head)."""
     model, arch, model_args = build_model(variant, num_classes=1, seed=seed)
-    config = {"architecture": arch, "model_args": model_args, "num_classes": 1, "label_names": [],
-              "pretrained_cfg": {}, "nfnet_pipeline": {"variant": variant, "from_scratch": True}}
-    return InitSource(config, model.state_dict(), ckpt.fingerprint("scratch", variant, seed),
+    # no training resolution to record; evaluated the variant's way (NFNets: squash)
+    config = ModelConfig(architecture=arch, num_classes=1, model_args=model_args,
+                         pretrained_cfg=Preprocessing(crop_mode=VARIANTS[variant].crop_mode),
+                         lineage={"variant": variant, "from_scratch": True})
+    return InitSource(config, model.state_dict(), fingerprint("scratch", variant, seed),
                       "scratch", [f"from scratch: {variant} with random weights (seed {seed})"])
 
 
-def _fill_num_classes(config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+def _with_num_classes(config: ModelConfig, state: dict[str, torch.Tensor]) -> ModelConfig:
     """The class count of the weights themselves (a timm default of 1000 may not be what was
     saved): read from the classifier weight the config names."""
-    name = config.get("pretrained_cfg", {}).get("classifier")
+    name = config.pretrained_cfg.classifier
     if isinstance(name, str) and f"{name}.weight" in state:
-        config["num_classes"] = int(state[f"{name}.weight"].shape[0])
+        return dataclasses.replace(config, num_classes=int(state[f"{name}.weight"].shape[0]))
+    return config
 
 
-def pretrain_res(config: dict[str, Any]) -> int | None:
+def pretrain_res(config: ModelConfig) -> int | None:
     """The resolution the init weights were trained at, when the config records it."""
-    size = config.get("pretrained_cfg", {}).get("input_size")
-    return int(size[-1]) if size else None
+    return config.pretrained_cfg.train_res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,27 +202,27 @@ def build_finetune_model(src: InitSource, class_names: list[str], section: Finet
     rate = section.model.drop_path_rate
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(section.seed)        # the same model on every process and run
-        model = ckpt.build_from_config(config, num_classes=num_classes,
-                                       drop_rate=section.model.drop_rate)
+        model = build_from_config(config, num_classes=num_classes,
+                                  drop_rate=section.model.drop_rate)
         if rate and not any(hasattr(m, "skipinit_gain") for m in model.modules()):
             # not an NFNet: timm's own stochastic depth (rescaled, ramped to the full rate)
             torch.manual_seed(section.seed)
-            model = ckpt.build_from_config(config, num_classes=num_classes,
-                                           drop_rate=section.model.drop_rate, drop_path_rate=rate)
-            messages.append(f"{config['architecture']} is not an NFNet: drop_path_rate {rate} "
+            model = build_from_config(config, num_classes=num_classes,
+                                      drop_rate=section.model.drop_rate, drop_path_rate=rate)
+            messages.append(f"{config.architecture} is not an NFNet: drop_path_rate {rate} "
                             f"is timm's stochastic depth for it")
         else:
             set_stochastic_depth(model, rate)
     head_prefix = head_name(model)
     head_keys = {k for k in state if k.startswith(head_prefix + ".")}
-    old_names = [str(n) for n in config.get("label_names") or []]
-    if config.get("nfnet_pipeline", {}).get("from_scratch"):
+    old_names = list(config.label_names)
+    if config.from_scratch:
         why = "training from scratch"
     elif old_names and old_names != list(class_names):
         why = (f"the pretrained classes {_short(old_names)} differ from the target's "
                f"{_short(class_names)}")
-    elif config["num_classes"] != num_classes:
-        why = f"{config['num_classes']} pretrained classes -> {num_classes} target classes"
+    elif config.num_classes != num_classes:
+        why = f"{config.num_classes} pretrained classes -> {num_classes} target classes"
     elif not head_keys:
         why = "the pretrained weights have no classifier"
     else:
@@ -227,7 +236,7 @@ def build_finetune_model(src: InitSource, class_names: list[str], section: Finet
     else:
         messages.append(f"head kept ({head_prefix}): the target has the same {num_classes} classes"
                         + (f" {_short(old_names)}" if old_names else " (no class names to compare)"))
-    ckpt.load_weights(model, state, src.weights_label, config, may_miss=head_prefix)
+    load_weights(model, state, src.weights_label, config, may_miss=head_prefix)
     frozen = freeze(model, section.init.freeze)
     if frozen:
         messages.append(f"frozen: {frozen:,} parameters under {', '.join(section.init.freeze)} "
@@ -241,7 +250,7 @@ def head_name(model: nn.Module) -> str:
     for name, module in model.named_modules():
         if module is head:
             return name
-    raise ckpt.CheckpointError(f"{type(model).__name__}: cannot locate its classifier module")
+    raise ModelError(f"{type(model).__name__}: cannot locate its classifier module")
 
 
 def init_head(model: nn.Module, how: str) -> None:
@@ -289,7 +298,7 @@ def _short(names: list[str], k: int = 5) -> str:
     return "[" + ", ".join(names[:k]) + (", ..." if len(names) > k else "") + "]"
 
 
-def resolution_note(init_config: dict[str, Any], section: FinetuneSection) -> str | None:
+def resolution_note(init_config: ModelConfig, section: FinetuneSection) -> str | None:
     """What fine-tuning does to the resolution, for the log (None when the init does not say
     what it was trained at)."""
     before = pretrain_res(init_config)
@@ -301,12 +310,12 @@ def resolution_note(init_config: dict[str, Any], section: FinetuneSection) -> st
                " (not above the pretraining resolution: the paper's transfer raises it)"))
 
 
-def finetune_lineage(init_config: dict[str, Any], init: str, weights_label: str,
+def finetune_lineage(init_config: ModelConfig, init: str, weights_label: str,
                      recipe_name: str) -> dict[str, Any]:
     """The `nfnet_pipeline` block of the fine-tuned model's config.json: the init's lineage (its
     variant, width, data) plus where fine-tuning started from. The init's own step, stage and
     fingerprint are dropped: the engine writes the fine-tuning run's."""
-    lineage = {**init_config.get("nfnet_pipeline", {}), "init": init,
+    lineage = {**init_config.lineage, "init": init,
                "init_weights": weights_label, "recipe": recipe_name}
     for k in ("step", "stage", "fingerprint"):
         lineage.pop(k, None)
@@ -316,10 +325,8 @@ def finetune_lineage(init_config: dict[str, Any], init: str, weights_label: str,
     return lineage
 
 
-def init_crop_mode(config: dict[str, Any]) -> str:
-    """Evaluate as the pretrained model was: its crop mode, else its variant's (NFNets: squash)."""
-    mode = config.get("pretrained_cfg", {}).get("crop_mode")
-    variant = config.get("nfnet_pipeline", {}).get("variant")
-    if mode is None and variant in VARIANTS:
-        mode = VARIANTS[variant].crop_mode
-    return mode or "squash"
+def init_crop_mode(config: ModelConfig) -> str:
+    """Evaluate as the pretrained model was: its crop mode (for an init without one, the default
+    of pipeline/model_config.py, as the evaluate stage reads it; a from-scratch init states its
+    variant's)."""
+    return config.pretrained_cfg.crop_mode

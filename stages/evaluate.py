@@ -26,13 +26,14 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import checkpoint as ckpt
 from pipeline import runtime
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.data.manifest import ManifestError, load_split
 from pipeline.evaluate import load_models, validate, write_plots
 from pipeline.files import atomic_write_text, sha256_file
 from pipeline.lineage import data_lineage
+from pipeline.model_config import ModelConfig, ModelError
+from pipeline.model_dir import model_weights
 from pipeline.recipe import write_resolved
 
 SUMMARY = ("top1", "top5", "nll", "ece", "img_per_s", "forward_img_per_s")
@@ -53,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     section = recipe.evaluate
     try:
         split = load_split(args.shards, args.split, args.shard_url)
-        config = ckpt.read_model_config(args.model)
-    except (ManifestError, ckpt.CheckpointError) as e:
+        config = ModelConfig.load(args.model)
+    except (ManifestError, ModelError) as e:
         fail(str(e))
     args.split = split.name          # as the manifest names it ("val" may have found "validation")
-    names = ckpt.class_names_of(config)
-    if split.class_names and config.get("label_names") and list(split.class_names) != names:
+    names = config.class_names
+    if split.class_names and config.label_names and list(split.class_names) != names:
         fail(f"the model's classes {names[:5]} differ from the shards' {list(split.class_names)[:5]} "
              f"({args.shards}): evaluate on the label set the model was trained on")
     if split.num_classes > len(names):
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     shas = _weights_shas(args.model, section.weights) if acc.is_main_process else {}
     try:
         models, config, messages = load_models(args.model, section.weights, acc.device)
-    except ckpt.CheckpointError as e:
+    except ModelError as e:
         fail(str(e))
     for m in messages if acc.is_main_process else []:
         print(f"[evaluate] {m}")
@@ -98,8 +99,8 @@ def _weights_shas(model: Path, wanted: list[str]) -> dict[str, dict[str, str]]:
     shas = {}
     for w in wanted:
         try:
-            path, label, _ = ckpt.model_weights(model, w)
-        except ckpt.CheckpointError:
+            path, label, _ = model_weights(model, w)
+        except ModelError:
             continue                    # load_models skips it too, with a message
         if label not in shas:
             shas[label] = {"file": str(path), "sha256": sha256_file(path)}

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline import checkpoint as ckpt
 from pipeline.cli import fail
+from pipeline.model_config import ModelConfig, ModelError
 from pipeline.preemption import stage_exit
 from pipeline.recipe import Recipe, TrainSection
 from pipeline.train_cli import Built, training_stage
@@ -53,15 +53,16 @@ def build(args: argparse.Namespace, recipe: Recipe, section: TrainSection,
     try:
         src = load_init(args.init, section.init.weights, section.seed)
         model, messages = build_finetune_model(src, class_names, section)
-    except (ckpt.CheckpointError, KeyError, ValueError) as e:
+    except (ModelError, KeyError, ValueError) as e:
         fail(f"--init {args.init}: {e}")
     init_config = src.config
     note = resolution_note(init_config, section)
     lineage = finetune_lineage(init_config, args.init, src.weights_label, recipe.name)
-    config = ckpt.model_config(model, init_config["architecture"], init_config.get("model_args", {}),
-                               class_names, section.train_res, section.test_res, section.crop_pct,
-                               section.augment.interpolation, lineage,
-                               init_crop_mode(init_config))
+    config = ModelConfig.for_training(
+        model, architecture=init_config.architecture, model_args=init_config.model_args,
+        class_names=class_names, train_res=section.train_res, test_res=section.test_res,
+        crop_pct=section.crop_pct, crop_mode=init_crop_mode(init_config),
+        interpolation=section.augment.interpolation, lineage=lineage)
     return Built(model, config, src.fingerprint, messages + ([note] if note else []),
                  {"init": args.init})
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline import checkpoint as ckpt
 from pipeline.cli import fail
+from pipeline.model_config import ModelConfig
 from pipeline.preemption import stage_exit
 from pipeline.recipe import Recipe, TrainSection
 from pipeline.train_cli import Built, training_stage
@@ -33,10 +33,11 @@ def build(args: argparse.Namespace, recipe: Recipe, section: TrainSection,
                                           section.model.drop_path_rate, section.model.width,
                                           device="meta" if args.dry_run else None,
                                           seed=section.seed)
-    config = ckpt.model_config(model, arch, model_args, class_names, section.train_res,
-                               section.test_res, section.crop_pct, section.augment.interpolation,
-                               {"variant": variant.name, "width": section.model.width,
-                                "recipe": recipe.name}, variant.crop_mode)
+    config = ModelConfig.for_training(
+        model, architecture=arch, model_args=model_args, class_names=class_names,
+        train_res=section.train_res, test_res=section.test_res, crop_pct=section.crop_pct,
+        crop_mode=variant.crop_mode, interpolation=section.augment.interpolation,
+        lineage={"variant": variant.name, "width": section.model.width, "recipe": recipe.name})
     return Built(model, config)
 
 

@@ -40,7 +40,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint as ckpt
 from pipeline.cli import fail, load_recipe_or_exit, stage_parser
 from pipeline.export import PublishError, export_folder, metrics_for, weights_to_publish
 from pipeline.files import WriteError
@@ -52,6 +51,7 @@ from pipeline.lineage import (
     provenance_problems,
     scored_record,
 )
+from pipeline.model_config import ModelConfig, ModelError
 from pipeline.recipe import PublishSection, resolved_text
 
 
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--repo {repo}: write the Hub model repo as org/name")
     metrics = _metrics(args, section)
     try:
-        config = ckpt.read_model_config(args.model)
-    except ckpt.CheckpointError as e:
+        config = ModelConfig.load(args.model)
+    except ModelError as e:
         fail(str(e))
     recipe_files = _recipe_files(args, config)
     unchecked = _check_metrics(args, section, config, metrics)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         publish_yaml = resolved_text(recipe, "publish", resolved, args.overrides)
         folder = export_folder(args.model, args.out, section, metrics, recipe_files, args.force,
                                {"recipes/publish.resolved.yaml": publish_yaml}, repo, unchecked)
-    except (PublishError, ckpt.CheckpointError) as e:
+    except (PublishError, ModelError) as e:
         fail(str(e))
     except WriteError as e:                 # disk full, read-only: one line, nothing half-written
         fail(str(e), 1)
@@ -126,7 +126,7 @@ def _metrics(args: argparse.Namespace, section: PublishSection) -> dict[str, Any
     return None
 
 
-def _check_metrics(args: argparse.Namespace, section: PublishSection, config: dict[str, Any],
+def _check_metrics(args: argparse.Namespace, section: PublishSection, config: ModelConfig,
                    metrics: dict[str, Any] | None) -> list[str]:
     """Why the metrics cannot be tied to the weights being published ([] when they can): exits 2
     unless --force, which warns and goes on."""
@@ -134,7 +134,7 @@ def _check_metrics(args: argparse.Namespace, section: PublishSection, config: di
         return []
     try:
         weights = weights_to_publish(args.model, section.weights)
-    except ckpt.CheckpointError as e:
+    except ModelError as e:
         fail(str(e))
     problems = provenance_problems(config, metrics, weights, section.weights)
     if not problems:
@@ -149,14 +149,14 @@ def _check_metrics(args: argparse.Namespace, section: PublishSection, config: di
         fail(f"{why}. Re-run the evaluate stage on this model (python stages/evaluate.py --recipe "
              f"{args.recipe} --model {args.model} --shards <its shards> --out <folder>), or pass "
              f"--force to publish these figures unchecked")
-    own = (config.get("pretrained_cfg") or {}).get("test_input_size")
+    own = list(config.pretrained_cfg.test_size)
     print(f"[publish] warning: --force: {why}. Publishing them unchecked: the card marks the "
           f"figures as not verified, and config.json keeps the model's own test settings "
           f"(test_input_size {own}), not the metrics'", file=sys.stderr)
     return problems
 
 
-def _recipe_files(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Path]:
+def _recipe_files(args: argparse.Namespace, config: ModelConfig) -> dict[str, Path]:
     """The runs' resolved recipes found from the model folder, or named by --pretrain-recipe."""
     recipe_files = lineage_recipes(args.model, config)
     if args.pretrain_recipe is not None:

@@ -149,16 +149,19 @@ def publish_section(*overrides: str):
 def tiny_model_dir(folder: Path, seed: int = 0) -> Path:
     """A tiny NFNet model folder as the finetune stage of the demo writes it (train 32 px, test
     40 px, squash crop 1.0), untrained; its EMA weights differ from the raw ones."""
-    from pipeline.checkpoint import model_config, save_model_dir
+    from pipeline.model_config import ModelConfig
+    from pipeline.model_dir import save_model_dir
     from pipeline.variants import build_model
     model, arch, args = build_model("tiny", len(LABELS), seed=seed)
     ema, _, _ = build_model("tiny", len(LABELS), seed=seed + 1)
-    config = model_config(model, arch, args, LABELS, 32, 40, 1.0, "bicubic",
-                          {"variant": "tiny", "recipe": "demo"}, "squash")
+    config = ModelConfig.for_training(model, architecture=arch, model_args=args,
+                                      class_names=LABELS, train_res=32, test_res=40, crop_pct=1.0,
+                                      crop_mode="squash", interpolation="bicubic",
+                                      lineage={"variant": "tiny", "recipe": "demo"})
     return save_model_dir(folder, model, ema, config)
 
 
-def training_job(stage: str, section, model, config: dict, shards: Path, out: Path, **kw):
+def training_job(stage: str, section, model, config, shards: Path, out: Path, **kw):
     """A pipeline.train.Job from shards on disk, made the way the training stages make it
     (pipeline/train_cli.py): the splits, the plan, the identity, config.json's run facts."""
     from pipeline import resume, runtime, train
@@ -170,8 +173,8 @@ def training_job(stage: str, section, model, config: dict, shards: Path, out: Pa
     plan = make_plan(section, split.num_samples, runtime.num_processes())
     identity = resume.Identity(stage, resume.settings(section), tuple(split.urls),
                                tuple(split.shard_lengths), kw.pop("init_fingerprint", ""))
-    config = {**config, "nfnet_pipeline": {"stage": stage, "step": plan.total_steps,
-                                           "fingerprint": identity.fingerprint}}
+    config = config.with_lineage(stage=stage, step=plan.total_steps,
+                                 fingerprint=identity.fingerprint)
     return train.Job(stage, section, model, config, split, val, plan, identity, out, **kw)
 
 

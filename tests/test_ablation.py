@@ -27,6 +27,7 @@ from pipeline.ablation.nf_vs_bn import BatchStatsBN, batch_stats_top1
 from pipeline.ablation.runs import pretrain_command
 from pipeline.data.manifest import load_split
 from pipeline.evaluate import compute_metrics, eval_settings, predict
+from pipeline.model_config import ModelConfig, Preprocessing
 
 CORNER = ("pretrain.lr_base=6.4 pretrain.epochs=1 pretrain.warmup_epochs=0.25 "
           "pretrain.train_res=32 pretrain.test_res=32 pretrain.micro_batch=16 "
@@ -48,8 +49,9 @@ def test_pretrain_command_runs_the_script_it_is_given(tmp_path):
     assert launch[:5] == ["accelerate", "launch", "--num_processes", "8", str(script)]
 
 
-CONFIG = {"num_classes": 5, "pretrained_cfg": {"test_input_size": [3, 32, 32], "crop_pct": 1.0,
-                                                "interpolation": "bilinear"}}
+CONFIG = ModelConfig(architecture="tiny_net", num_classes=5,     # the test's own net, below
+                     pretrained_cfg=Preprocessing(test_input_size=(3, 32, 32), crop_pct=1.0,
+                                                  interpolation="bilinear"))
 
 
 def tiny_net(bn: bool) -> nn.Module:

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_stage_in_process, torchrun
-from pipeline.checkpoint import load_model_dir
 from pipeline.data.manifest import load_split
 from pipeline.evaluate import eval_settings, predict
+from pipeline.model_config import ModelConfig
+from pipeline.model_dir import load_model_dir
 from pipeline.variants import build_model, has_batchnorm
 
 RECIPE = str(ROOT / "recipes" / "demo_bn.yaml")
@@ -84,8 +85,8 @@ def _bn_keys(state):
 
 def test_demo_bn_runs_through_the_five_stages(bn):
     root = bn["root"]
-    config = json.loads((root / "pretrain" / "model" / "config.json").read_text())
-    assert config["architecture"] == "resnet18" and config["model_args"]["layers"] == [1, 1, 1, 1]
+    config = ModelConfig.load(root / "pretrain" / "model")
+    assert config.architecture == "resnet18" and config.model_args["layers"] == [1, 1, 1, 1]
     model, _ = load_model_dir(root / "pretrain" / "model", "ema")
     assert has_batchnorm(model) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
     assert SMALL_BATCH not in bn["pretrain"].stdout and NO_SYNC not in bn["pretrain"].stdout

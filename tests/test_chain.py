@@ -9,8 +9,10 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_stage, run_stage_in_process
-from pipeline.checkpoint import complete_checkpoints, load_model_dir
+from pipeline.checkpoint import complete_checkpoints
 from pipeline.data.manifest import read_manifest
+from pipeline.model_config import ModelConfig
+from pipeline.model_dir import load_model_dir
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # lr_base 1.2 (3x the demo's): 22 steps then learn enough for accuracy floors above chance (20%)
@@ -54,9 +56,9 @@ def test_pretrain_outputs(chain):
     out = chain["runs"] / "pretrain"
     model_dir = out / "model"
     assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "ema.safetensors", "config.json"}
-    config = json.loads((model_dir / "config.json").read_text())
-    assert config["architecture"] == "dm_nfnet_f0" and config["num_classes"] == 5
-    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    config = ModelConfig.load(model_dir)
+    assert config.architecture == "dm_nfnet_f0" and config.num_classes == 5
+    assert config.pretrained_cfg.input_size == (3, 32, 32)
     model, _ = load_model_dir(model_dir, "ema")
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 5)
     ckpts = list(complete_checkpoints(next((out / "checkpoints").iterdir())))
@@ -76,10 +78,10 @@ def test_pretrain_outputs(chain):
 
 def test_finetune_replaces_the_head_and_raises_resolution(chain):
     assert "new head" in chain["finetune"].stdout
-    config = json.loads((chain["runs"] / "finetune" / "model" / "config.json").read_text())
-    assert config["label_names"] == ["5", "6", "7", "8", "9"]
-    assert config["pretrained_cfg"]["input_size"] == [3, 48, 48]
-    assert config["nfnet_pipeline"]["init"].endswith("pretrain/model")
+    config = ModelConfig.load(chain["runs"] / "finetune" / "model")
+    assert config.label_names == ("5", "6", "7", "8", "9")
+    assert config.pretrained_cfg.input_size == (3, 48, 48)
+    assert config.init.endswith("pretrain/model")
 
 
 def test_evaluate_metrics_and_plots(chain):

@@ -7,6 +7,7 @@ import pytest
 from conftest import ROOT
 from pipeline import cli, train_cli
 from pipeline.lineage import data_lineage
+from pipeline.model_config import ModelConfig
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "f0.yaml")
@@ -61,7 +62,7 @@ def test_dry_run_needs_expected_samples_or_shards(capsys):
 def test_plan_or_exit_prints_the_plan_for_the_asked_process_count(capsys):
     section = cli.load_recipe_or_exit(RECIPE, []).pretrain
     model, arch, _ = build_model("f0", 1000, device="meta")
-    config = {"architecture": arch, "num_classes": 1000, "nfnet_pipeline": {"variant": "f0"}}
+    config = ModelConfig(architecture=arch, num_classes=1000, lineage={"variant": "f0"})
     args = training_args("--recipe", RECIPE, "--dry-run", "json", "--processes", "8")
     with pytest.raises(SystemExit) as e:
         train_cli.plan_or_exit(args, section, "pretrain", 1281167, model, config)

@@ -14,11 +14,12 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import ROOT, run_stage_in_process, torchrun
-from pipeline.checkpoint import model_config, save_model_dir
 from pipeline.data.loader import EvalShards, make_loader
 from pipeline.data.manifest import load_split, manifest_path, write_manifest
 from pipeline.evaluate import eval_settings
 from pipeline.files import sha256_file
+from pipeline.model_config import ModelConfig
+from pipeline.model_dir import save_model_dir
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
@@ -71,7 +72,9 @@ def test_known_model_on_known_set_gives_the_hand_computed_metrics(tmp_path):
     ema_bias = [0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]              # predicts c2
     raw, arch, args = constant_model(raw_bias)
     ema, _, _ = constant_model(ema_bias)
-    config = model_config(raw, arch, args, classes, 32, 32, 1.0, "bilinear", {})
+    config = ModelConfig.for_training(raw, architecture=arch, model_args=args, class_names=classes,
+                                      train_res=32, test_res=32, crop_pct=1.0, crop_mode="squash",
+                                      interpolation="bilinear", lineage={})
     save_model_dir(tmp_path / "model", raw, ema, config)
     p = run_stage_in_process("evaluate", "--recipe", RECIPE, "--model", str(tmp_path / "model"),
                              "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "eval"),
@@ -133,7 +136,10 @@ def probe_model(demo_shards, tmp_path_factory):
     from sklearn.linear_model import LogisticRegression
     model, arch, args = tiny_model(5, seed=1)
     classes = [str(d) for d in range(5, 10)]
-    config = model_config(model, arch, args, classes, 32, 40, 0.8, "bilinear", {"variant": "tiny"})
+    config = ModelConfig.for_training(model, architecture=arch, model_args=args,
+                                      class_names=classes, train_res=32, test_res=40, crop_pct=0.8,
+                                      crop_mode="squash", interpolation="bilinear",
+                                      lineage={"variant": "tiny"})
     settings = eval_settings(config)
     ds = EvalShards(load_split(demo_shards["finetune"], "train"), settings.transform(),
                     rank=0, world=1, workers=0, batch=256)

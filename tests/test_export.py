@@ -1,6 +1,7 @@
 """pipeline.export on real (untrained, so fast) timm models: config.json in timm's hub format,
 layer names read from the built model, the weights check, and the folder written as a whole.
 The same folder from a trained model, through the stage: tests/test_publish.py."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,6 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from conftest import LABELS, ROOT, files_in, publish_section, tiny_model_dir
-from pipeline.checkpoint import load_model_dir, model_config, save_model_dir
 from pipeline.export import (
     PublishError,
     check_weights,
@@ -22,6 +22,8 @@ from pipeline.export import (
     weights_to_publish,
 )
 from pipeline.files import sha256_file
+from pipeline.model_config import ModelConfig
+from pipeline.model_dir import load_model_dir, save_model_dir
 from pipeline.variants import build_model, count_params
 
 RECIPE = ROOT / "recipes" / "demo.yaml"
@@ -51,14 +53,14 @@ def test_config_json_is_timms_hub_format(model_dir, tmp_path):
 def test_config_json_records_the_evaluated_crop_but_never_another_test_size(model_dir):
     """The card's figures are what timm reproduces: the evaluation's crop and interpolation win;
     the test size stays the model's own (metrics at another one are refused by the stage)."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = ModelConfig.load(model_dir)
     metrics = {"test_res": 48, "crop_pct": 0.9, "crop_mode": "center", "interpolation": "bilinear"}
-    pc = hub_config(config, meta_model(config), metrics=metrics)["pretrained_cfg"]
-    assert pc["input_size"] == [3, 32, 32] and pc["test_input_size"] == [3, 40, 40]
-    assert (pc["crop_pct"], pc["test_crop_pct"]) == (1.0, 0.9)
-    assert (pc["crop_mode"], pc["interpolation"]) == ("center", "bilinear")
+    pc = hub_config(config, meta_model(config), metrics=metrics).pretrained_cfg
+    assert pc.input_size == (3, 32, 32) and pc.test_input_size == (3, 40, 40)
+    assert (pc.crop_pct, pc.test_crop_pct) == (1.0, 0.9)
+    assert (pc.crop_mode, pc.interpolation) == ("center", "bilinear")
     with pytest.raises(PublishError, match="names 4 labels for 5 classes"):
-        hub_config({**config, "label_names": LABELS[:4]}, meta_model(config))
+        hub_config(dataclasses.replace(config, label_names=tuple(LABELS[:4])), meta_model(config))
 
 
 def test_the_folder_is_replaced_as_a_whole_and_nothing_temporary_is_left(model_dir, tmp_path):
@@ -104,20 +106,20 @@ def test_unchecked_metrics_change_nothing_in_config_json_and_the_card_says_so(mo
 
 
 def test_check_weights_names_the_file_the_mismatch_and_the_fix(model_dir):
-    config = json.loads((model_dir / "config.json").read_text())
+    config = ModelConfig.load(model_dir)
     model, source = meta_model(config), model_dir / "ema.safetensors"
     state = load_file(str(source))
-    check_weights(model, state, source, config["architecture"])          # fits: no error
+    check_weights(model, state, source, config.architecture)             # fits: no error
     wrong = {**state, "head.fc.weight": torch.zeros(6, 256)}
     with pytest.raises(PublishError) as e:
-        check_weights(model, wrong, source, config["architecture"])
+        check_weights(model, wrong, source, config.architecture)
     assert e.value.exit_code == 2
     for part in (str(source), "do not match the architecture dm_nfnet_f0 in config.json",
                  "head.fc.weight (6, 256)", "Publish the model folder the training stage wrote"):
         assert part in str(e.value), part
     state["stem.conv1.weight"][0] = float("inf")
     with pytest.raises(PublishError, match=r"non-finite values in \['stem.conv1.weight'\]"):
-        check_weights(model, state, source, config["architecture"])
+        check_weights(model, state, source, config.architecture)
 
 
 def test_metrics_for_picks_the_published_weights_figures(tmp_path):
@@ -132,11 +134,13 @@ def test_metrics_for_picks_the_published_weights_figures(tmp_path):
 def test_f_variants_timm_does_not_name_rebuild_from_config_json(tmp_path):
     for variant in ("f7", "f4+"):
         model, arch, args = build_model(variant, 1000, device="meta")
-        config = model_config(model, arch, args, [str(i) for i in range(1000)], 224, 256, 0.9,
-                              "bicubic", {"variant": variant})
+        config = ModelConfig.for_training(
+            model, architecture=arch, model_args=args, class_names=[str(i) for i in range(1000)],
+            train_res=224, test_res=256, crop_pct=0.9, crop_mode="squash", interpolation="bicubic",
+            lineage={"variant": variant})
         folder = tmp_path / variant
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(hub_config(config, meta_model(config))))
+        hub_config(config, meta_model(config)).save(folder)
         with torch.device("meta"):
             rebuilt = timm.create_model(f"local-dir:{folder}", pretrained=False)
         assert count_params(rebuilt) == count_params(model) != \
@@ -152,13 +156,13 @@ def test_a_batchnorm_resnet_publishes_with_its_own_layer_names(tmp_path):
     with torch.no_grad():                 # non-trivial batch-norm running statistics
         for _ in range(3):
             model(torch.randn(8, 3, 32, 32))
-    config = {"architecture": "resnet18", "model_args": args, "num_classes": 3, "num_features": 64,
-              "global_pool": "avg", "label_names": ["a", "b", "c"],
-              "pretrained_cfg": {"input_size": [3, 32, 32], "test_input_size": [3, 32, 32],
-                                 "crop_pct": 0.875, "crop_mode": "center",
-                                 "interpolation": "bilinear",
-                                 "mean": [0.5] * 3, "std": [0.5] * 3,
-                                 "classifier": "head.fc", "first_conv": "stem.conv1"}}
+    config = ModelConfig.from_dict(
+        {"architecture": "resnet18", "model_args": args, "num_classes": 3, "num_features": 64,
+         "global_pool": "avg", "label_names": ["a", "b", "c"],
+         "pretrained_cfg": {"input_size": [3, 32, 32], "test_input_size": [3, 32, 32],
+                            "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bilinear",
+                            "mean": [0.5] * 3, "std": [0.5] * 3,
+                            "classifier": "head.fc", "first_conv": "stem.conv1"}})
     model_dir = save_model_dir(tmp_path / "run" / "model", model, None, config)
     out = tmp_path / "pub"
     assert export_folder(model_dir, out, publish_section("publish.weights=raw"), None, {}) == out

@@ -11,6 +11,8 @@ import torch
 from conftest import ROOT, fill, run_stage_in_process
 from pipeline import checkpoint as ckpt
 from pipeline.files import WriteError, atomic_write_text
+from pipeline.model_config import ModelConfig
+from pipeline.model_dir import save_model_dir, tensor_bytes
 from pipeline.variants import build_model
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
@@ -29,7 +31,7 @@ def test_a_disk_that_fills_in_the_middle_of_a_checkpoint_leaves_the_previous_one
     model, _, _ = build_model("tiny", 5, seed=0)
     ckpt.save_checkpoint(root, 10, model, model, _state(10), {}, keep=2)
     before = {p.name: p.read_bytes() for p in (root / "step-00000010").iterdir()}
-    needs = ckpt.tensor_bytes([model.state_dict()] * 2) + ckpt.tensor_bytes(_state(20))
+    needs = tensor_bytes([model.state_dict()] * 2) + tensor_bytes(_state(20))
     fill(root.parent, needs + 4096)
     with pytest.raises(WriteError) as e:
         ckpt.save_checkpoint(root, 20, model, model, _state(20), {}, keep=2)
@@ -46,7 +48,7 @@ def test_a_model_folder_too_big_for_the_disk_is_refused_before_writing(small_fil
     model, _, _ = build_model("tiny", 5, seed=0)
     with pytest.raises(WriteError, match=r"could not write the model folder to .*/model: no space "
                                          r"left on the device \(ENOSPC\); it needs 1\.2 MiB, 1\.0 MiB free"):
-        ckpt.save_model_dir(out, model, model, {"architecture": "x"})
+        save_model_dir(out, model, model, ModelConfig(architecture="x", num_classes=5))
     assert not list(out.parent.glob("*model*"))
 
 

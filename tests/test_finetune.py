@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, run_stage_in_process
+from pipeline.model_config import ModelConfig
 from pipeline.recipe import load_recipe
 from pipeline.transfer import build_finetune_model, load_init
 
@@ -43,8 +44,8 @@ def metrics(run):
     return json.loads((run / "metrics.json").read_text())
 
 
-def config(run):
-    return json.loads((run / "model" / "config.json").read_text())
+def config(run) -> ModelConfig:
+    return ModelConfig.load(run / "model")
 
 
 def test_finetuning_the_pretrained_model_beats_training_from_scratch(pretrained, demo_shards,
@@ -59,13 +60,13 @@ def test_finetuning_the_pretrained_model_beats_training_from_scratch(pretrained,
     assert m_ours["val_nll_ema"] < m_scratch["val_nll_ema"]
 
     # the EMA weights by default; the labels 5-9 are not the pretrained 0-4: a new head
-    lineage = config(tmp_path / "pretrained")["nfnet_pipeline"]
+    lineage = config(tmp_path / "pretrained").lineage
     assert lineage["init"] == str(pretrained) and lineage["init_weights"] == "ema"
     assert "new head (head.fc, 5 classes): the pretrained classes [0, 1, 2, 3, 4] differ" in ours.stdout
     assert "from scratch" in scratch.stdout
     # trained and tested at the fine-tune resolution, above the pretraining one
-    assert config(tmp_path / "pretrained")["pretrained_cfg"]["input_size"] == [3, 48, 48]
-    assert json.loads((pretrained / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 40, 40]
+    assert config(tmp_path / "pretrained").pretrained_cfg.input_size == (3, 48, 48)
+    assert ModelConfig.load(pretrained).pretrained_cfg.input_size == (3, 40, 40)
     assert "pretrained at 40 px -> fine-tuning at 48 px" in ours.stdout
     assert lineage["init_res"] == 40
 
@@ -92,7 +93,7 @@ def test_raw_init_and_frozen_modules_stay_bit_identical(pretrained, demo_shards,
         changed = [k for k in trainable if not torch.equal(after[k], params[k])]
         assert len(trainable) > 10 and changed == trainable, set(trainable) - set(changed)
         assert after["head.fc.weight"].abs().sum() > 0                # the new head learned
-    assert config(run)["nfnet_pipeline"]["init_weights"] == "raw"
+    assert config(run).lineage["init_weights"] == "raw"
     assert "frozen: " in p.stdout and "under stem, stages.0" in p.stdout
 
 
@@ -110,7 +111,7 @@ def test_published_folder_keeps_the_head_for_the_same_labels(pretrained, demo_sh
     assert before.keys() == after.keys()
     for k in before:                                                   # the head included
         assert torch.equal(before[k], after[k]), k
-    assert config(tmp_path / "run")["nfnet_pipeline"]["init_weights"] == "published"
+    assert config(tmp_path / "run").lineage["init_weights"] == "published"
     # the evaluate stage's loader labels that one file the same way
     from pipeline.evaluate import load_models
     models, _, messages = load_models(published, ["ema", "raw"])
@@ -135,7 +136,7 @@ def test_any_timm_model_with_local_weights(demo_shards, tmp_path):
         else:
             assert torch.equal(after[name], param.detach()), name
     cfg = config(run)
-    assert cfg["architecture"] == "test_resnet" and cfg["pretrained_cfg"]["classifier"] == "fc"
+    assert cfg.architecture == "test_resnet" and cfg.pretrained_cfg.classifier == "fc"
     assert "pretrained at 160 px -> fine-tuning at 48 px" in p.stdout
     assert "not above the pretraining resolution" in p.stdout
     # the result is a normal model folder: timm rebuilds it with 5 classes

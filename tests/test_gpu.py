@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_stage
+from pipeline.model_config import ModelConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -19,8 +20,8 @@ def test_bf16_pretrain_and_resume_on_gpu(demo_shards, tmp_path, decode):
     run_stage("pretrain", *args)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["val_top1_ema"] > 30 and metrics["peak_mem_mb"] > 0
-    config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["nfnet_pipeline"]["mixed_precision"] == "bf16"     # the run's accelerator
+    config = ModelConfig.load(tmp_path / "model")
+    assert config.lineage["mixed_precision"] == "bf16"     # the run's accelerator
     again = run_stage("pretrain", *args, "pretrain.epochs=2")     # complete: resumes at the end
     assert "resumed from" in again.stdout
 

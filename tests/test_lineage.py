@@ -1,6 +1,7 @@
 """pipeline/lineage.py: the resolved recipes found from a model folder (its `init` links), the
 notes on what is missing or differs, whether an evaluation's record matches the model, and the
 data a run was sharded from (real manifests written by the manifest module)."""
+import dataclasses
 import json
 
 import yaml
@@ -16,19 +17,21 @@ from pipeline.lineage import (
     scored_record,
     shard_data,
 )
+from pipeline.model_config import ModelConfig
 
 
 def model_folder(run, init=None, stage=None, test_res=40, crop_pct=1.0):
-    """`<run>/model/config.json` as far as the lineage reads it, and with `stage` the run's
-    `<run>/recipe.resolved.yaml`."""
+    """`<run>/model/config.json` (its required keys and what the lineage reads), and with `stage`
+    the run's `<run>/recipe.resolved.yaml`."""
     (run / "model").mkdir(parents=True)
-    config = {"pretrained_cfg": {"test_input_size": [3, test_res, test_res],
+    config = {"architecture": "dm_nfnet_f0", "num_classes": 3,
+              "pretrained_cfg": {"test_input_size": [3, test_res, test_res],
                                  "test_crop_pct": crop_pct},
               "nfnet_pipeline": {"init": str(init)} if init else {}}
     (run / "model" / "config.json").write_text(json.dumps(config))
     if stage:
         (run / "recipe.resolved.yaml").write_text(yaml.safe_dump({"name": "demo", stage: {}}))
-    return run / "model", config
+    return run / "model", ModelConfig.load(run / "model")
 
 
 def test_lineage_notes_name_a_missing_recipe_and_a_different_test_setting(tmp_path):
@@ -53,7 +56,8 @@ def test_lineage_notes_name_a_missing_recipe_and_a_different_test_setting(tmp_pa
     assert evaluation_notes(config, {"test_res": 40, "crop_pct": 0.875}) == [
         "evaluated with crop_pct=0.875 (the model folder says 1.0); config.json records the "
         "evaluated setting"]
-    config["pretrained_cfg"]["interpolation"] = "bicubic"
+    config = dataclasses.replace(config, pretrained_cfg=dataclasses.replace(
+        config.pretrained_cfg, interpolation="bicubic"))
     assert evaluation_notes(config, {"crop_pct": 1.0, "interpolation": "bilinear"}) == [
         "evaluated with interpolation=bilinear (the model folder says bicubic); config.json "
         "records the evaluated setting"]
@@ -65,8 +69,9 @@ def test_provenance_problems_name_what_differs_expected_and_got(tmp_path):
     weights = tmp_path / "ema.safetensors"
     weights.write_bytes(b"the published bytes")
     sha = sha256_file(weights)
-    config = {"num_classes": 3, "label_names": ["cat", "dog", "fox"],
-              "pretrained_cfg": {"input_size": [3, 32, 32], "test_input_size": [3, 40, 40]}}
+    config = ModelConfig.from_dict(
+        {"architecture": "dm_nfnet_f0", "num_classes": 3, "label_names": ["cat", "dog", "fox"],
+         "pretrained_cfg": {"input_size": [3, 32, 32], "test_input_size": [3, 40, 40]}})
     record = {"weights": {"ema": {"file": str(weights), "sha256": sha}},
               "class_names": ["cat", "dog", "fox"], "test_res": 40}
     metrics = {"top1": 90.0, "scored": [record]}
@@ -86,7 +91,7 @@ def test_provenance_problems_name_what_differs_expected_and_got(tmp_path):
         f"ema weights: expected the sha256 of {weights} ({sha[:12]}), got none (it scored raw "
         f"weights)"]
     # no label names in config.json: the class indices, as the evaluate stage names them
-    unnamed = {**config, "label_names": []}
+    unnamed = dataclasses.replace(config, label_names=())
     assert provenance_problems(unnamed, {"scored": [{**record, "class_names": ["0", "1", "2"]}]},
                                weights, "ema") == []
     old = {"top1": 90.0, "test_res": 40}

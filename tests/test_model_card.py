@@ -8,6 +8,7 @@ from huggingface_hub import ModelCard
 
 from conftest import ROOT
 from pipeline.model_card import TEMPLATE, model_card
+from pipeline.model_config import ModelConfig
 from pipeline.plan import make_plan
 from pipeline.recipe import load_recipe, resolved_text
 
@@ -36,13 +37,14 @@ def resolved_recipes(overrides=OVERRIDES) -> dict[str, dict]:
             for stage in ("pretrain", "finetune")}
 
 
-def hub_cfg(arch="dm_nfnet_f0", variant="tiny", labels=("5", "6", "7", "8", "9")) -> dict:
+def hub_cfg(arch="dm_nfnet_f0", variant="tiny", labels=("5", "6", "7", "8", "9")) -> ModelConfig:
     """The published config.json, as far as the card reads it."""
-    return {"architecture": arch, "model_args": {"channels": [32, 64, 96, 128]},
-            "num_classes": len(labels), "label_names": list(labels),
-            "pretrained_cfg": {"input_size": [3, 32, 32], "test_input_size": [3, 40, 40],
-                               "test_crop_pct": 1.0, "crop_mode": "squash"},
-            "nfnet_pipeline": {"variant": variant}}
+    return ModelConfig.from_dict(
+        {"architecture": arch, "model_args": {"channels": [32, 64, 96, 128]},
+         "num_classes": len(labels), "label_names": list(labels),
+         "pretrained_cfg": {"input_size": [3, 32, 32], "test_input_size": [3, 40, 40],
+                            "test_crop_pct": 1.0, "crop_mode": "squash"},
+         "nfnet_pipeline": {"variant": variant}})
 
 
 def card(cfg=None, metrics=METRICS, recipes=None, repo=None, overrides=(), data=None,

@@ -2,6 +2,7 @@
 import pytest
 
 from conftest import ROOT
+from pipeline.model_config import ModelConfig
 from pipeline.plan import describe, make_plan
 from pipeline.recipe import load_recipe
 from pipeline.variants import build_model
@@ -35,8 +36,9 @@ def test_describe_reads_the_typed_model_section():
     section = load_recipe(ROOT / "recipes" / "f1.yaml").pretrain
     model, arch, _ = build_model("f1", 1000, device="meta")
     plan = make_plan(section, 1281167, 8)
-    d = describe(plan, section, model, {"architecture": arch, "num_classes": 1000,
-                                        "nfnet_pipeline": {"variant": "f1"}})
+    config = ModelConfig(architecture=arch, num_classes=1000, lineage={"variant": "f1"})
+    d = describe(plan, section, model, config)
+    assert (d["variant"], d["architecture"], d["num_classes"]) == ("f1", arch, 1000)
     assert (d["drop_rate"], d["drop_path_rate"]) == (section.model.drop_rate,
                                                      section.model.drop_path_rate) == (0.3, 0.25)
     assert d["parameters"] == 132_634_256 and d["total_steps"] == 112602

@@ -292,12 +292,13 @@ def test_a_second_ctrl_c_after_main_returned_still_exits_130(tmp_path):
 
 
 def _job(shards, out):
+    from pipeline.model_config import ModelConfig, Preprocessing
     from pipeline.recipe import load_recipe
     from pipeline.variants import build_model
     section = load_recipe(RECIPE, RUN).pretrain
     model, arch, model_args = build_model("tiny", 5, seed=section.seed)
-    config = {"architecture": arch, "model_args": model_args, "num_classes": 5,
-              "pretrained_cfg": {"test_input_size": [3, 32, 32], "crop_pct": 1.0}}
+    config = ModelConfig(architecture=arch, model_args=model_args, num_classes=5,
+                         pretrained_cfg=Preprocessing(test_input_size=(3, 32, 32), crop_pct=1.0))
     return training_job("pretrain", section, model, config, shards, out)
 
 

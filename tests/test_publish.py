@@ -18,9 +18,10 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, files_in, fill, run_stage, run_stage_in_process, stage_main, tiny_model_dir
-from pipeline.checkpoint import load_model_dir
 from pipeline.data.manifest import read_manifest
 from pipeline.files import sha256_file
+from pipeline.model_config import ModelConfig
+from pipeline.model_dir import load_model_dir
 
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 FILES = {"model.safetensors", "config.json", "README.md", "metrics.json", "SHA256SUMS",
@@ -279,9 +280,7 @@ def test_the_stage_prints_the_lineage_notes_and_takes_pretrain_recipe(trained, t
     pre, model = tmp_path / "pre" / "model", tmp_path / "moved" / "model"
     shutil.copytree(trained["runs"] / "pretrain" / "model", pre)
     shutil.copytree(trained["model"], model)
-    config = json.loads((model / "config.json").read_text())
-    config["nfnet_pipeline"]["init"] = str(pre)
-    (model / "config.json").write_text(json.dumps(config))
+    ModelConfig.load(model).with_lineage(init=str(pre)).save(model)
     metrics = {**json.loads(trained["metrics"].read_text()), "crop_pct": 0.875}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
 

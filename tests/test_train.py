@@ -12,6 +12,7 @@ from conftest import ONE_THREAD, ROOT, run_stage, run_stage_in_process, training
 from pipeline import train
 from pipeline.batchnorm import train_mode
 from pipeline.checkpoint import CheckpointError
+from pipeline.model_config import ModelConfig, Preprocessing
 from pipeline.plan import make_plan
 from pipeline.preemption import RunControl
 from pipeline.recipe import load_recipe
@@ -84,8 +85,8 @@ def _job(shards, out, overrides=(), **kw):
                                    "pretrain.loader.num_workers=0",
                                    "pretrain.trackers=[]", *overrides]).pretrain
     model, arch, args = build_model("tiny", 5, seed=section.seed)
-    config = {"architecture": arch, "model_args": args, "num_classes": 5,
-              "pretrained_cfg": {"test_input_size": [3, 32, 32], "crop_pct": 1.0}}
+    config = ModelConfig(architecture=arch, model_args=args, num_classes=5,
+                         pretrained_cfg=Preprocessing(test_input_size=(3, 32, 32), crop_pct=1.0))
     return training_job("pretrain", section, model, config, shards, out, **kw)
 
 
@@ -119,7 +120,7 @@ def test_the_phases_by_name_and_the_typed_result(demo_shards, tmp_path):
     assert metrics == pytest.approx(result.metrics())
     assert {"steps", "train_loss", "val_top1_ema", "val_nll_raw"} <= set(metrics)
     assert "compile_s" not in metrics                            # compile off
-    assert json.loads((tmp_path / "model" / "config.json").read_text()) == job.config
+    assert json.loads((tmp_path / "model" / "config.json").read_text()) == job.config.to_dict()
     lines = (tmp_path / "keys" / "rank0.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 0, 1, 1, 2, 2, 3, 3]   # 2 micro-batches
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, run, run_stage, tiny_model_dir
-from pipeline import checkpoint as ckpt
+from pipeline.model_config import ModelConfig, ModelError
 from pipeline.recipe import load_recipe
 from pipeline.transfer import (
     build_finetune_model,
@@ -45,7 +45,7 @@ def test_weights_that_do_not_fit_name_the_file_and_the_tensors(tmp_path):
     state = {k: v for k, v in model.state_dict().items() if k != "stem.conv1.weight"}
     state["stem.conv1.weight"] = torch.zeros(1, 1, 1, 1)
     save_file(state, str(folder / "ema.safetensors"))
-    with pytest.raises(ckpt.CheckpointError, match=r"do not fit.*wrong shape \['stem.conv1.weight"):
+    with pytest.raises(ModelError, match=r"do not fit.*wrong shape \['stem.conv1.weight"):
         build_finetune_model(load_init(str(folder)), list("56789"), section())
 
 
@@ -61,21 +61,24 @@ def test_freeze_stops_gradients_under_the_prefixes_and_names_the_modules_otherwi
 
 
 def test_lineage_keeps_the_init_facts_and_drops_its_run_identity():
-    init_config = {"pretrained_cfg": {"input_size": [3, 48, 48]},
-                   "nfnet_pipeline": {"variant": "tiny", "stage": "pretrain", "step": 337,
-                                      "fingerprint": "abc", "recipe": "demo"}}
+    init_config = ModelConfig.from_dict(
+        {"architecture": "dm_nfnet_f0", "num_classes": 5, "pretrained_cfg": {"input_size": [3, 48, 48]},
+         "nfnet_pipeline": {"variant": "tiny", "stage": "pretrain", "step": 337, "fingerprint": "abc",
+                            "recipe": "demo"}})
     lineage = finetune_lineage(init_config, "runs/pretrain/model", "ema", "demo")
     assert lineage == {"variant": "tiny", "recipe": "demo", "init": "runs/pretrain/model",
                        "init_weights": "ema", "init_res": 48}
 
 
 def test_resolution_note_says_when_fine_tuning_does_not_raise_the_resolution():
-    cfg = {"pretrained_cfg": {"input_size": [3, 48, 48]}}
+    cfg = ModelConfig.from_dict({"architecture": "dm_nfnet_f0", "num_classes": 5,
+                                 "pretrained_cfg": {"input_size": [3, 48, 48]}})
     up = resolution_note(cfg, section("finetune.train_res=64"))
     assert up == "resolution: pretrained at 48 px -> fine-tuning at 64 px, testing at 64 px"
     same = resolution_note(cfg, section("finetune.train_res=48"))
     assert same.endswith("(not above the pretraining resolution: the paper's transfer raises it)")
-    assert resolution_note({"pretrained_cfg": {}}, section()) is None
+    unknown = ModelConfig(architecture="dm_nfnet_f0", num_classes=5)     # no input_size recorded
+    assert resolution_note(unknown, section()) is None
 
 
 def hub_cache(root, repo: str, folder) -> dict:
@@ -100,7 +103,7 @@ def test_hub_init_reads_an_offline_cache_and_names_a_missing_model(tmp_path, dem
     code = (
         "import json, sys; from pipeline.transfer import load_init; "
         "src = load_init(sys.argv[1]); "
-        "print(json.dumps([src.config['architecture'], src.config['num_classes'], "
+        "print(json.dumps([src.config.architecture, src.config.num_classes, "
         "src.weights_label, float(src.state['head.fc.weight'].abs().sum())]))")
     p = run([sys.executable, "-c", code, "hf-hub:test-org/tiny-nfnet"], env=env)
     arch, classes, label, head = json.loads(p.stdout.strip().splitlines()[-1])

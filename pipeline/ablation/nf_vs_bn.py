@@ -20,9 +20,10 @@ from torch import nn
 
 from pipeline.ablation.runs import read_run
 from pipeline.ablation.table import write_table
-from pipeline.checkpoint import class_names_of, load_model_dir
 from pipeline.data.manifest import SplitInfo, load_split
 from pipeline.evaluate import compute_metrics, eval_settings, predict, validate
+from pipeline.model_config import ModelConfig
+from pipeline.model_dir import load_model_dir
 from pipeline.plan import training_flops_per_image
 from pipeline.variants import has_batchnorm
 
@@ -56,7 +57,7 @@ class BatchStatsBN(nn.Module):
         return self.model(x)
 
 
-def batch_stats_top1(model: nn.Module, split: SplitInfo, config: dict, *, batch: int,
+def batch_stats_top1(model: nn.Module, split: SplitInfo, config: ModelConfig, *, batch: int,
                      workers: int = 0, device: torch.device | None = None) -> float:
     """Top-1 (%) on `split` with BN layers using each batch's statistics (`BatchStatsBN`), at the
     checkpoint's eval settings; for a model without BN, the same number as `validate`."""
@@ -64,7 +65,7 @@ def batch_stats_top1(model: nn.Module, split: SplitInfo, config: dict, *, batch:
     settings = eval_settings(config)
     preds = predict(BatchStatsBN(model).to(device), split, settings.transform(), batch=batch,
                     workers=workers, device=device, mean=settings.mean, std=settings.std)
-    return compute_metrics(preds, class_names_of(config))["top1"]
+    return compute_metrics(preds, config.class_names)["top1"]
 
 
 def saved_activation_mb(model: nn.Module, res: int, batches: tuple[int, int] = (8, 24)) -> float:
@@ -120,10 +121,10 @@ def measure_run(run: str | Path, shards: str | Path, weights: str = "ema",
                        device=cpu)[weights]["top1"] for s, sp in splits.items()}
     bn = has_batchnorm(model)
     res = section["train_res"]
-    variant = config["nfnet_pipeline"].get("variant")
+    variant = config.variant
     row = {
         "model": f"{variant} ({'BN' if bn else 'NF'})", "variant": variant,
-        "family": "BN" if bn else "NF", "architecture": config["architecture"],
+        "family": "BN" if bn else "NF", "architecture": config.architecture,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "train_gflops_per_image": training_flops_per_image(model, res) / 1e9,
         "val_top1": acc["val"], "train_split_top1": acc["train"],

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.model_config import CONFIG_NAME, ModelConfig
+
 CHANCE_MARGIN = 5.0        # top-1 within this many points of chance counts as "at chance"
 
 
@@ -27,8 +29,9 @@ def _finite(x: Any) -> bool:
 
 
 def read_run(run: str | Path) -> dict[str, Any]:
-    """A pretrain/finetune output folder as plain data: its resolved recipe section, derived
-    values, metrics.json (None if the run left none) and the class count of its model."""
+    """A pretrain/finetune output folder: its resolved recipe section, derived values,
+    metrics.json (None if the run left none), its model's config.json (a ModelConfig, None if the
+    run left no model) and the class count of its model."""
     run = Path(run)
     resolved_path = run / "recipe.resolved.yaml"
     if not resolved_path.is_file():
@@ -37,11 +40,10 @@ def read_run(run: str | Path) -> dict[str, Any]:
     stage = "pretrain" if "pretrain" in resolved else "finetune"
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-    config_path = run / "model" / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = ModelConfig.load(run / "model") if (run / "model" / CONFIG_NAME).is_file() else None
     return {"run": str(run), "stage": stage, "section": resolved[stage],
             "derived": resolved.get("resolved", {}), "metrics": metrics,
-            "num_classes": config.get("num_classes"), "config": config}
+            "num_classes": config.num_classes if config else None, "config": config}
 
 
 def divergence(metrics: dict | None, num_classes: int | None) -> str:
