@@ -126,6 +126,7 @@ def stage_deps(name: str) -> list[str]:
     return [d for d in stage.get("do", stage)["deps"] if "${" not in d]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", ["data", "signal"])
 def test_report_stages_depend_on_every_module_they_import(stage, demo_raw, demo_shards,
                                                           tmp_path):
@@ -161,6 +162,7 @@ def corner(demo_shards, tmp_path_factory):
     return dst, output(run(["dvc", "repro", "ablations/dvc.yaml:agc"], cwd=dst))
 
 
+@pytest.mark.integration
 def test_corner_runs_every_cell_through_dvc(corner):
     dst, log = corner
     assert "Running stage 'ablations/dvc.yaml:agc'" in log
@@ -180,6 +182,7 @@ def test_corner_runs_every_cell_through_dvc(corner):
     assert again.count("done with these settings, kept") == 4 and "stages/pretrain.py" not in again
 
 
+@pytest.mark.integration
 def test_table_flags_divergence_and_plots_are_written(corner):
     dst, _ = corner
     out = dst / "reports" / "agc"
@@ -204,6 +207,7 @@ def test_table_flags_divergence_and_plots_are_written(corner):
     assert {v["field"] for v in sweep} == {"clip_0.01", "clip_off"} and len(sweep) == 4
 
 
+@pytest.mark.integration
 def test_a_bare_dvc_repro_at_the_root_runs_the_root_pipeline_only(corner):
     """`dvc repro` without targets reproduces ./dvc.yaml only: with a one-stage stand-in for the
     demo chain (the real one takes minutes), none of the never-run ablation stages starts."""
@@ -221,6 +225,7 @@ def test_a_bare_dvc_repro_at_the_root_runs_the_root_pipeline_only(corner):
         root.write_text(chain)
 
 
+@pytest.mark.integration
 def test_the_ablation_pipeline_keeps_the_demo_chain_order_deterministic(corner):
     """DVC plans `dvc repro` of the chain through a networkx subgraph view, which iterates the
     chain's stages in set (string-hash) order once the repo holds more than twice as many stages;

@@ -12,6 +12,8 @@ from conftest import ROOT, run_stage, run_stage_in_process
 from pipeline.checkpoint import complete_checkpoints, load_model_dir
 from pipeline.data.manifest import read_manifest
 
+pytestmark = pytest.mark.integration   # the five stage scripts chained
+
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # lr_base 1.2 (3x the demo's): 22 steps then learn enough for accuracy floors above chance (20%)
 TINY = ["pretrain.epochs=2", "pretrain.train_res=32", "pretrain.test_res=32",

@@ -212,6 +212,7 @@ def test_hf_column_and_split_errors(tmp_path, capsys):
     assert "split 'test' is not in" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_hf_hub_name_offline_fails_clearly(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     res = run_stage("shard", "--recipe", RECIPE, "--source", "hf:someorg/no-such-dataset",
@@ -261,6 +262,7 @@ def image_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["folder", "tars"])
 @pytest.mark.parametrize("where", ["equal", "inside"])
 def test_out_in_the_source_tree_is_refused(tmp_path, kind, where):

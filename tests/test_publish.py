@@ -22,6 +22,8 @@ from pipeline.checkpoint import load_model_dir
 from pipeline.data.manifest import read_manifest
 from pipeline.files import sha256_file
 
+pytestmark = pytest.mark.integration   # a trained, evaluated model published by the stage
+
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 FILES = {"model.safetensors", "config.json", "README.md", "metrics.json", "SHA256SUMS",
          "recipes/pretrain.resolved.yaml", "recipes/finetune.resolved.yaml",

@@ -41,7 +41,9 @@ def deepmind_update(params, grads, momenta, *, lr, momentum, weight_decay, clip,
     clipped = 0
     for name, p in params.items():
         g = grads[name]
-        wd = weight_decay if p.dim() > 1 else 0.0          # conv / linear weights only
+        # conv / linear weights only: not gains (timm's are (O, 1, 1, 1), DeepMind's vectors),
+        # biases or skip gains
+        wd = weight_decay if p.dim() > 1 and not name.endswith("gain") else 0.0
         if clip_after_decay:
             g = g + wd * p
         if name != head:

@@ -123,16 +123,24 @@ def test_each_dvc_stage_depends_on_exactly_the_code_it_runs(stage):
 
 TESTS = ROOT / "tests"
 NOT_IN_LANE = {"integration", "slow", "gpu"}
-# conftest helpers that run a stage's main(), a stage script, torchrun or a copy of the project:
-# seconds each (interpreter start-up, a real run), so a test that calls one is integration
-RUNS_A_STAGE = {"run_stage", "run_stage_in_process", "stage_main", "torchrun", "copy_project",
-                "demo_shards"}
+# conftest helpers that run a stage script, a training or evaluation stage in-process, torchrun,
+# any other command, or a copy of the project: seconds each (interpreter start-up, a real run), so
+# a test that calls one is integration. (`stage_main` stays allowed: the lane's shard-stage tests
+# run it on a few images in tenths of a second; `demo_shards` too: one shard run per session, 5 s.)
+RUNS_A_STAGE = {"run", "run_stage", "run_stage_in_process", "torchrun", "copy_project"}
 
 
-def _mark_names(node: ast.AST) -> set[str]:
-    """The X of every `pytest.mark.X` inside `node`."""
-    return {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)
-            and isinstance(n.value, ast.Attribute) and n.value.attr == "mark"}
+def _mark_names(nodes: list[ast.expr]) -> set[str]:
+    """The X of each `pytest.mark.X` or `pytest.mark.X(...)` in `nodes` (a test's decorators, the
+    items of `pytestmark`); marks on single parameters (`pytest.param(marks=...)`) are not
+    the test's."""
+    out = set()
+    for n in nodes:
+        f = n.func if isinstance(n, ast.Call) else n
+        if (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute)
+                and f.value.attr == "mark"):
+            out.add(f.attr)
+    return out
 
 
 def _definitions(tree: ast.Module) -> dict[str, ast.AST]:
@@ -190,11 +198,15 @@ class _File:
         self.imports = _imported(ast.Module(body=[s for s in self.tree.body
                                                   if isinstance(s, ast.Import | ast.ImportFrom)],
                                             type_ignores=[]))
+        self.fixtures = {n.name for n in self.tree.body if isinstance(n, ast.FunctionDef)
+                         and any("fixture" in ast.unparse(d) for d in n.decorator_list)}
         self.marks: set[str] = set()
         for node in self.tree.body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark"
                                                     for t in node.targets):
-                self.marks |= _mark_names(node.value)
+                value = node.value
+                self.marks |= _mark_names(list(value.elts) if isinstance(value, ast.List | ast.Tuple)
+                                          else [value])
 
 
 CONFTEST = _File(TESTS / "conftest.py")
@@ -222,7 +234,7 @@ def _reached(file: _File, test: ast.FunctionDef) -> set[str]:
                         todo.append((CONFTEST, CONFTEST.defs[leaf]))
             elif name in f.defs:
                 todo.append((f, f.defs[name]))
-            elif name in CONFTEST.defs:                     # a conftest fixture, by parameter
+            elif name in CONFTEST.fixtures:                 # a conftest fixture, by parameter
                 out.add(f"conftest.{name}")
                 todo.append((CONFTEST, CONFTEST.defs[name]))
     return out
@@ -237,8 +249,7 @@ def unit_lane() -> dict[str, set[str]]:
             continue
         for node in f.tree.body:
             if (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
-                    and not _mark_names(ast.Module(body=node.decorator_list, type_ignores=[]))
-                    & NOT_IN_LANE):
+                    and not _mark_names(node.decorator_list) & NOT_IN_LANE):
                 lane[f"{path.name}::{node.name}"] = _reached(f, node)
     return lane
 
@@ -264,8 +275,8 @@ def test_every_pipeline_module_is_used_by_a_unit_lane_test():
 
 
 def test_unit_lane_tests_run_no_stage():
-    """A test that runs a stage, torchrun, a project copy or needs the demo shards (a shard-stage
-    run) takes seconds: it is marked integration, so the unit lane stays fast."""
+    """A test that runs a stage script, a training stage, torchrun, a command or a project copy
+    takes seconds: it is marked integration, so the unit lane stays fast."""
     offenders = {test: sorted(n.split(".")[1] for n in names
                               if n.startswith("conftest.") and n.split(".")[1] in RUNS_A_STAGE)
                  for test, names in unit_lane().items()}
