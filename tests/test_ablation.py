@@ -236,3 +236,37 @@ def test_the_ablation_pipeline_keeps_the_demo_chain_order_deterministic(corner):
     chain = run(["dvc", "stage", "list"], cwd=dst).stdout.splitlines()
     ours, chain = [s for s in ours if s], [s for s in chain if s]
     assert 0 < len(ours) <= len(chain), (ours, chain)
+
+
+def fake_run(folder: Path, clip, batch: int, metrics: dict | None) -> Path:
+    """A pretrain run folder as the ablation reads it: resolved recipe, model config, metrics."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump(
+        {"pretrain": {"clip_factor": clip, "global_batch": batch},
+         "resolved": {"lr": 0.1 * batch / 256, "total_steps": 40}}))
+    (folder / "model" / "config.json").write_text(json.dumps({"num_classes": 5}))
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_the_sweep_table_has_a_row_per_cell_and_flags_each_outcome(tmp_path):
+    from pipeline.ablation.agc_sweep import cell_dir, collect_agc, write_agc
+    from pipeline.ablation.table import csv_text
+    good = {"train_loss": 0.5, "val_top1_ema": 91.23456789, "val_nll_ema": 0.3, "steps": 40}
+    runs = [fake_run(cell_dir(tmp_path, None, 64), None, 64, good),
+            fake_run(cell_dir(tmp_path, 0.16, 64), 0.16, 64, {**good, "train_loss": float("nan")}),
+            fake_run(cell_dir(tmp_path, 0.01, 256), 0.01, 256, {**good, "val_top1_ema": 21.0}),
+            fake_run(cell_dir(tmp_path, 0.01, 64), 0.01, 64, None)]
+    rows = collect_agc(runs)
+    assert [(r["clip"], r["global_batch"], r["status"]) for r in rows] == [
+        ("0.01", 64, "missing"), ("0.01", 256, "at chance"), ("0.16", 64, "diverged"),
+        ("off", 64, "ok")]                                   # by clip factor (off last), batch
+    files = write_agc(rows, tmp_path / "report", "sweep")
+    table = files["csv"].read_text().splitlines()
+    assert table[0].startswith("clip,clip_factor,global_batch,lr,") and len(table) == 5
+    assert ",91.2346," in table[4] and table[1].split(",")[5] == ""    # 6 digits; None empty
+    assert json.loads(files["json"].read_text())[3]["num_classes"] == 5    # every key in JSON
+    assert files["dvc"].read_text().splitlines()[0] == "global_batch,clip_0.01,clip_0.16,clip_off"
+    assert files["png"].stat().st_size > 0
+    assert csv_text([{"a": 1.0 / 3, "b": None, "c": "x"}], ["a", "b"]) == "a,b\n0.333333,\n"
