@@ -234,3 +234,22 @@ def fill(folder: Path, leave: int) -> None:
     free = shutil.disk_usage(folder).free
     with open(folder / "filler", "wb") as f:
         f.write(b"\0" * max(0, free - leave))
+
+
+# ------------------------------------------------------------------------------------------------
+# The unit lane: `pytest --unit` leaves out the tests marked integration, on top of the default
+# `-m 'not slow and not gpu'` (a second `-m "not integration"` would replace that one, not add to
+# it). The same as `pytest -m "not integration and not slow and not gpu"`.
+# ------------------------------------------------------------------------------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--unit", action="store_true",
+                     help="the unit lane: leave out the tests marked integration (CONTRIBUTING.md)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--unit"):
+        dropped = [item for item in items if item.get_closest_marker("integration")]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = [item for item in items if not item.get_closest_marker("integration")]

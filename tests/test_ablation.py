@@ -128,6 +128,7 @@ def stage_deps(name: str) -> list[str]:
     return [d for d in stage.get("do", stage)["deps"] if "${" not in d]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", ["data", "signal"])
 def test_report_stages_depend_on_every_module_they_import(stage, demo_raw, demo_shards,
                                                           tmp_path):
@@ -163,6 +164,7 @@ def corner(demo_shards, tmp_path_factory):
     return dst, output(run(["dvc", "repro", "ablations/dvc.yaml:agc"], cwd=dst))
 
 
+@pytest.mark.integration
 def test_corner_runs_every_cell_through_dvc(corner):
     dst, log = corner
     assert "Running stage 'ablations/dvc.yaml:agc'" in log
@@ -182,6 +184,7 @@ def test_corner_runs_every_cell_through_dvc(corner):
     assert again.count("done with these settings, kept") == 4 and "stages/pretrain.py" not in again
 
 
+@pytest.mark.integration
 def test_table_flags_divergence_and_plots_are_written(corner):
     dst, _ = corner
     out = dst / "reports" / "agc"
@@ -206,6 +209,7 @@ def test_table_flags_divergence_and_plots_are_written(corner):
     assert {v["field"] for v in sweep} == {"clip_0.01", "clip_off"} and len(sweep) == 4
 
 
+@pytest.mark.integration
 def test_a_bare_dvc_repro_at_the_root_runs_the_root_pipeline_only(corner):
     """`dvc repro` without targets reproduces ./dvc.yaml only: with a one-stage stand-in for the
     demo chain (the real one takes minutes), none of the never-run ablation stages starts."""
@@ -223,6 +227,7 @@ def test_a_bare_dvc_repro_at_the_root_runs_the_root_pipeline_only(corner):
         root.write_text(chain)
 
 
+@pytest.mark.integration
 def test_the_ablation_pipeline_keeps_the_demo_chain_order_deterministic(corner):
     """DVC plans `dvc repro` of the chain through a networkx subgraph view, which iterates the
     chain's stages in set (string-hash) order once the repo holds more than twice as many stages;
@@ -233,3 +238,37 @@ def test_the_ablation_pipeline_keeps_the_demo_chain_order_deterministic(corner):
     chain = run(["dvc", "stage", "list"], cwd=dst).stdout.splitlines()
     ours, chain = [s for s in ours if s], [s for s in chain if s]
     assert 0 < len(ours) <= len(chain), (ours, chain)
+
+
+def fake_run(folder: Path, clip, batch: int, metrics: dict | None) -> Path:
+    """A pretrain run folder as the ablation reads it: resolved recipe, model config, metrics."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump(
+        {"pretrain": {"clip_factor": clip, "global_batch": batch},
+         "resolved": {"lr": 0.1 * batch / 256, "total_steps": 40}}))
+    (folder / "model" / "config.json").write_text(json.dumps({"num_classes": 5}))
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_the_sweep_table_has_a_row_per_cell_and_flags_each_outcome(tmp_path):
+    from pipeline.ablation.agc_sweep import cell_dir, collect_agc, write_agc
+    from pipeline.ablation.table import csv_text
+    good = {"train_loss": 0.5, "val_top1_ema": 91.23456789, "val_nll_ema": 0.3, "steps": 40}
+    runs = [fake_run(cell_dir(tmp_path, None, 64), None, 64, good),
+            fake_run(cell_dir(tmp_path, 0.16, 64), 0.16, 64, {**good, "train_loss": float("nan")}),
+            fake_run(cell_dir(tmp_path, 0.01, 256), 0.01, 256, {**good, "val_top1_ema": 21.0}),
+            fake_run(cell_dir(tmp_path, 0.01, 64), 0.01, 64, None)]
+    rows = collect_agc(runs)
+    assert [(r["clip"], r["global_batch"], r["status"]) for r in rows] == [
+        ("0.01", 64, "missing"), ("0.01", 256, "at chance"), ("0.16", 64, "diverged"),
+        ("off", 64, "ok")]                                   # by clip factor (off last), batch
+    files = write_agc(rows, tmp_path / "report", "sweep")
+    table = files["csv"].read_text().splitlines()
+    assert table[0].startswith("clip,clip_factor,global_batch,lr,") and len(table) == 5
+    assert ",91.2346," in table[4] and table[1].split(",")[5] == ""    # 6 digits; None empty
+    assert json.loads(files["json"].read_text())[3]["num_classes"] == 5    # every key in JSON
+    assert files["dvc"].read_text().splitlines()[0] == "global_batch,clip_0.01,clip_0.16,clip_off"
+    assert files["png"].stat().st_size > 0
+    assert csv_text([{"a": 1.0 / 3, "b": None, "c": "x"}], ["a", "b"]) == "a,b\n0.333333,\n"

@@ -16,6 +16,8 @@ from pipeline.model_config import ModelConfig
 from pipeline.model_dir import load_model_dir
 from pipeline.variants import build_model, has_batchnorm
 
+pytestmark = pytest.mark.integration   # the BN demo through the stages, torchrun
+
 RECIPE = str(ROOT / "recipes" / "demo_bn.yaml")
 # lr_base 1.2 (3x the demo's): 22 steps then learn enough for an accuracy floor above chance
 TINY = ["pretrain.epochs=1", "pretrain.warmup_epochs=0.25", "pretrain.train_res=32", "pretrain.test_res=32",

@@ -14,6 +14,8 @@ from pipeline.data.manifest import read_manifest
 from pipeline.model_config import ModelConfig
 from pipeline.model_dir import load_model_dir
 
+pytestmark = pytest.mark.integration   # the five stage scripts chained
+
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # lr_base 1.2 (3x the demo's): 22 steps then learn enough for accuracy floors above chance (20%)
 TINY = ["pretrain.epochs=2", "pretrain.train_res=32", "pretrain.test_res=32",

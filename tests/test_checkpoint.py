@@ -59,6 +59,7 @@ def test_train_state_loads_without_unpickling_code(tmp_path):
         ckpt.load_checkpoint(path, model, None)
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(demo_shards, tmp_path):
     out = tmp_path / "run"
     p = run_stage_in_process(
@@ -75,6 +76,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(demo_shards, tm
         assert all(torch.isfinite(t).all() for t in weights.values()), c
 
 
+@pytest.mark.integration
 def test_nan_policy_skip_finishes_and_counts(demo_shards, tmp_path):
     """lr 1e6 without clipping: the first real step blows the loss up and later steps are dropped;
     the run still ends, counts them, and never writes a non-finite weight. log_every 100 makes the

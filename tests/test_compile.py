@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from conftest import ONE_THREAD, ROOT, run_stage
 
+pytestmark = pytest.mark.integration   # torch.compile'd training runs of the stage
+
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 RUN = ["pretrain.steps=6", "pretrain.epochs=null", "pretrain.warmup_steps=2",
        "pretrain.warmup_epochs=null", "pretrain.global_batch=32", "pretrain.micro_batch=32",

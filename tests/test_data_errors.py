@@ -63,6 +63,7 @@ def one_error_line(p) -> str:
     return errors[0]
 
 
+@pytest.mark.integration
 def test_a_damaged_image_stops_with_one_line_naming_shard_sample_and_fix(shards, tmp_path):
     tar = first_train_tar(shards)
     key = damage_jpeg(tar)
@@ -71,6 +72,7 @@ def test_a_damaged_image_stops_with_one_line_naming_shard_sample_and_fix(shards,
     assert key in line or "does not match the manifest" in line      # whichever is met first
 
 
+@pytest.mark.integration
 def test_a_truncated_tar_is_named_before_it_is_read(shards, tmp_path):
     tar = first_train_tar(shards)
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
@@ -78,6 +80,7 @@ def test_a_truncated_tar_is_named_before_it_is_read(shards, tmp_path):
     assert f"shard {tar}" in line and "the manifest says" in line and "--verify" in line
 
 
+@pytest.mark.integration
 def test_changed_bytes_that_still_decode_are_caught_by_the_manifest_sha256(shards, tmp_path):
     """The .json metadata member of one sample rewritten (same length): every image still
     decodes, so only the sha256 of the shard can tell."""
@@ -91,6 +94,7 @@ def test_changed_bytes_that_still_decode_are_caught_by_the_manifest_sha256(shard
     assert f"shard {tar} does not match the manifest (sha256" in line
 
 
+@pytest.mark.integration
 def test_skip_replaces_counts_and_finishes_within_the_budget(shards, tmp_path):
     tar = first_train_tar(shards)
     keys = [damage_jpeg(tar, i) for i in (0, 3)]
@@ -115,6 +119,7 @@ def test_skip_replaces_counts_and_finishes_within_the_budget(shards, tmp_path):
     assert "2 training sample(s) could not be read" in line and "max_bad_samples" in line
 
 
+@pytest.mark.integration
 def test_a_truncated_tar_with_skip_is_said_per_shard_not_per_sample(shards, tmp_path):
     """Half a tar lost: every sample after the cut is replaced (dozens), in three lines."""
     tar = first_train_tar(shards)

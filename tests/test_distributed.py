@@ -15,6 +15,8 @@ from conftest import ONE_THREAD, ROOT, run, run_stage, run_stage_in_process, tor
 from pipeline.data.manifest import load_split
 from pipeline.data.shard_reader import open_shard
 
+pytestmark = pytest.mark.integration   # torchrun with 2 processes, kill -9 and resume
+
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # DeepMind's data path: 2 images per example (quarters 1x2 MixUp, 3x4 CutMix), RandAugment after
 # mixing; all of it seeded per sample, so processes and resumes agree

@@ -98,6 +98,7 @@ def test_the_nested_pickle_deepmind_ships_loads_and_code_in_it_does_not(f0, tmp_
         infer_variant(read_params(tmp_path / "odd.npz"))
 
 
+@pytest.mark.integration
 def test_finetune_starts_from_a_deepmind_checkpoint(demo_shards, tmp_path):
     """The stage reads `--init dm:<file>`: the tiny net written in haiku naming and layout (its
     depth and width identify it, as they identify F0-F7), then a new 5-class head."""

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import copy_project, run
 
+pytestmark = pytest.mark.integration   # real `dvc repro` / `dvc exp run` on a copy of the project
+
 STAGES = ("demo_data", "shard@pretrain", "shard@finetune", "pretrain", "finetune", "evaluate", "publish")
 
 

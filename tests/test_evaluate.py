@@ -64,6 +64,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.integration
 def test_known_model_on_known_set_gives_the_hand_computed_metrics(tmp_path):
     classes = [f"c{i}" for i in range(7)]
     labels = [0, 1, 1, 2, 3, 1, 4, 0, 1, 2, 1, 3, 6]          # 13 samples; no c5
@@ -191,6 +192,7 @@ def timm_validate(folder: Path, shards: Path, args: dict | None = None) -> np.nd
     return confusion, top5
 
 
+@pytest.mark.integration
 def test_metrics_equal_a_timm_validate_loop(probe_model, demo_shards, tmp_path):
     shards = demo_shards["finetune"]
     common = ["--recipe", RECIPE, "--model", str(probe_model), "--shards", str(shards)]
@@ -222,6 +224,7 @@ def test_metrics_equal_a_timm_validate_loop(probe_model, demo_shards, tmp_path):
     assert not (ours32 == ours).all()
 
 
+@pytest.mark.integration
 def test_two_processes_predict_each_sample_once_with_the_same_metrics(probe_model, demo_shards,
                                                                        tmp_path):
     # 179 samples in shards of 64: 2 processes x 2 workers read uneven contiguous ranges
@@ -259,6 +262,7 @@ def test_predict_refuses_a_partial_set(probe_model, demo_shards):
         predict(models["raw"], split, transform, batch=64, workers=0, device=cpu, rank=0, world=2)
 
 
+@pytest.mark.integration
 def test_the_default_split_finds_a_validation_split_and_records_its_name(probe_model, demo_shards,
                                                                           tmp_path):
     """Shards of an HF dataset's "validation" split: `--split val` (the default) evaluates them,

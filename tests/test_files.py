@@ -60,6 +60,7 @@ def test_a_read_only_folder_is_one_line(small_filesystem):
         atomic_write_text(folder / "metrics.json", "{}")
 
 
+@pytest.mark.integration
 def test_a_full_disk_stops_training_with_one_line_and_the_last_checkpoint(demo_shards,
                                                                           small_filesystem):
     """The pretrain stage writing into a 3 MiB filesystem: the step-3 checkpoint (2 MB) fits,
@@ -81,6 +82,7 @@ def test_a_full_disk_stops_training_with_one_line_and_the_last_checkpoint(demo_s
     assert not (out / "model").exists() and not (out / "run.lock").exists()
 
 
+@pytest.mark.integration
 def test_shards_on_a_full_disk_are_one_line_and_no_manifest(demo_raw, small_filesystem):
     out = small_filesystem("64k") / "shards"           # less than the first shard
     p = run_stage_in_process("shard", "--recipe", RECIPE, "--source", str(demo_raw / "pretrain"),

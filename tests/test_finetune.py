@@ -13,6 +13,8 @@ from pipeline.model_config import ModelConfig
 from pipeline.recipe import load_recipe
 from pipeline.transfer import build_finetune_model, load_init
 
+pytestmark = pytest.mark.integration   # full fine-tuning runs of the stage
+
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # pretraining at 40 px reaches ~89% val top-1 on digits 0-4 in 6 epochs (a few seconds)
 PRETRAIN = ["pretrain.epochs=6", "pretrain.lr_base=1.2", "pretrain.train_res=40",

@@ -212,6 +212,7 @@ def test_hf_column_and_split_errors(tmp_path, capsys):
     assert "split 'test' is not in" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_hf_hub_name_offline_fails_clearly(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     res = run_stage("shard", "--recipe", RECIPE, "--source", "hf:someorg/no-such-dataset",
@@ -261,6 +262,7 @@ def image_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["folder", "tars"])
 @pytest.mark.parametrize("where", ["equal", "inside"])
 def test_out_in_the_source_tree_is_refused(tmp_path, kind, where):
@@ -285,3 +287,28 @@ def test_out_next_to_the_source_files_is_refused(tmp_path):
         open_source(f"{tmp_path}/**/*.tar", recipe.shard, out=tmp_path / "new")
     # Beside the files (not a recursive glob) is fine: the glob does not reach the output.
     assert open_source(f"{tars}/*.tar", recipe.shard, out=tars / "new").kind == "tars"
+
+
+def test_the_tar_and_hugging_face_kinds_read_every_sample_with_its_label(tmp_path):
+    """open_tars and open_hf directly: each split's samples, bytes and labels, the class names."""
+    from pipeline.data.hf_source import open_hf
+    from pipeline.data.tar_source import open_tars
+    tars = make_tars(tmp_path)
+    section = load_recipe(RECIPE, ["shard.splits=[train]"]).shard
+    source = open_tars(str(tars), sorted(str(p) for p in tars.glob("*.tar")), section)
+    split = source.splits["train"]
+    assert (source.kind, source.class_names, len(split)) == ("tars", ["a", "b", "c"], 12)
+    for i in range(len(split)):
+        data, name = split.read(i)
+        assert color_class(data) == split.labels[i]
+        assert name.startswith(f"train/{source.class_names[split.labels[i]]}/")   # name kept
+    dd, names = hf_dataset(n_train=4, n_val=2)
+    dd.save_to_disk(tmp_path / "ds")
+    section = load_recipe(RECIPE, ["shard.splits=[train,val]", "shard.image_column=img",
+                                   "shard.label_column=lbl"]).shard
+    source = open_hf(str(tmp_path / "ds"), section)
+    assert source.kind == "hf" and source.class_names == names
+    assert {k: len(s) for k, s in source.splits.items()} == {"train": 4, "val": 2}
+    for split in source.splits.values():
+        for i in range(len(split)):
+            assert color_class(split.read(i)[0]) == split.labels[i]

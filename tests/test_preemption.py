@@ -25,6 +25,8 @@ from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
 from pipeline.run_lock import LOCK_NAME
 from pipeline.step import StepRunner
 
+pytestmark = pytest.mark.integration   # real stop signals to stages, process groups and torchrun
+
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 # 22 steps of 2 micro-batches; checkpoints only at the end unless a signal asks for one
 RUN = ["pretrain.epochs=2", "pretrain.warmup_epochs=0.5", "pretrain.train_res=32",

@@ -23,6 +23,8 @@ from pipeline.files import sha256_file
 from pipeline.model_config import ModelConfig
 from pipeline.model_dir import load_model_dir
 
+pytestmark = pytest.mark.integration   # a trained, evaluated model published by the stage
+
 RECIPE = str(ROOT / "recipes" / "demo.yaml")
 FILES = {"model.safetensors", "config.json", "README.md", "metrics.json", "SHA256SUMS",
          "recipes/pretrain.resolved.yaml", "recipes/finetune.resolved.yaml",

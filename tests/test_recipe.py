@@ -114,6 +114,7 @@ def test_resolved_text_has_section_and_derived_values():
     assert doc["overrides"] == ["pretrain.epochs=2"] and "finetune" not in doc
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "evaluate", "publish", "shard"])
 def test_stage_scripts_fail_fast_on_a_bad_recipe(tmp_path, stage):
     path = _write(tmp_path, lambda d: d[stage].update(not_a_key=1))
@@ -125,6 +126,7 @@ def test_stage_scripts_fail_fast_on_a_bad_recipe(tmp_path, stage):
     assert f"{stage}.not_a_key" in p.stderr and "Allowed keys" in p.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", ["shard", "pretrain", "finetune", "evaluate", "publish"])
 def test_stage_help(stage):
     p = run_stage_in_process(stage, "--help")
@@ -167,6 +169,7 @@ def test_a_value_out_of_range_exits_2_before_any_file_is_written(tmp_path, demo_
         assert allowed in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_the_real_script_exits_2_on_a_bad_value_without_a_traceback(tmp_path):
     p = run_stage("pretrain", "--recipe", str(ROOT / "recipes" / "demo.yaml"), "--dry-run",
                   "--processes", "1", "pretrain.micro_batch=0", timeout=120, check=False)

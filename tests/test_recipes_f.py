@@ -111,6 +111,7 @@ def test_f4plus_is_the_large_scale_recipe():
     assert r.finetune.train_res > p.train_res and r.finetune.sam_rho == 0.05
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name,stage", [("f0", "pretrain"), ("f4plus", "finetune"),
                                         pytest.param("f6", "pretrain", marks=pytest.mark.slow)])
 def test_dry_run_json_without_shards(name, stage):

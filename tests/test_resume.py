@@ -10,6 +10,8 @@ import shutil
 import signal
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, run_stage_in_process
 from pipeline import checkpoint as ckpt
 from pipeline.preemption import EXIT_PREEMPTED
@@ -39,6 +41,7 @@ def lines(p, prefix) -> list[str]:
     return [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith(prefix)]
 
 
+@pytest.mark.integration
 def test_the_same_command_on_a_finished_out_changes_nothing_and_puts_back_what_was_removed(
         demo_shards, tmp_path):
     shards, out = demo_shards["pretrain"], tmp_path / "run"
@@ -81,6 +84,7 @@ def _stop_at_step_3(monkeypatch):
     return lambda: monkeypatch.setattr(StepRunner, "step", real)
 
 
+@pytest.mark.integration
 def test_a_changed_recipe_is_refused_naming_each_key_and_micro_batch_may_change(
         demo_shards, tmp_path, monkeypatch):
     shards, out = demo_shards["pretrain"], tmp_path / "run"
@@ -122,6 +126,7 @@ def test_the_keys_that_may_change_across_a_resume_are_left_out_of_the_settings()
     assert all(f"`{k}`" in readme for k in MAY_CHANGE_ON_RESUME), "README: keys that may change"
 
 
+@pytest.mark.integration
 def test_a_run_resumed_at_its_last_step_without_a_record_finishes_with_the_stored_loss(
         demo_shards, tmp_path):
     """A run killed between its last checkpoint and the end of finish(): the same command

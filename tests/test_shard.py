@@ -218,6 +218,7 @@ def test_rerun_rewrites_only_damaged_shards(tmp_path, capsys):
     assert set(tar_hashes(out).values()).isdisjoint(before.values())
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_with_finished_shards(tmp_path):
     """SIGKILL a real `python stages/shard.py` while it blocks on one input (a FIFO), then
     re-run."""

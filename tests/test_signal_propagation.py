@@ -119,6 +119,7 @@ def test_bn_normalises_the_signal_nf_does_not(images):
     assert ratio["bn"] == pytest.approx(1, abs=0.05)    # batch statistics undo the input scale
 
 
+@pytest.mark.integration
 def test_signal_stage_writes_report(demo_shards, tmp_path):
     out = tmp_path / "signal"
     p = run_stage_in_process("signal_report", "--recipe", str(ROOT / "recipes" / "demo.yaml"),

@@ -54,6 +54,7 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.integration
 def test_sam_composes_with_agc_weight_decay_and_accumulation(demo_shards, tmp_path):
     common = ["--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]), *TINY,
               "pretrain.epochs=null", "pretrain.steps=6", "pretrain.warmup_epochs=null",

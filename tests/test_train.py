@@ -58,6 +58,7 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.integration
 def test_first_losses_of_a_seeded_run_are_pinned(demo_shards, tmp_path):
     run_stage("pretrain", "--recipe", RECIPE, "--shards", str(demo_shards["pretrain"]),
               "--out", str(tmp_path), *PINNED_RUN, env=ONE_THREAD)
@@ -68,6 +69,7 @@ def test_first_losses_of_a_seeded_run_are_pinned(demo_shards, tmp_path):
     assert losses == pytest.approx(PINNED_LOSSES, abs=1e-4), losses
 
 
+@pytest.mark.integration
 def test_shards_read_through_pipe_urls_train_identically(demo_shards, tmp_path):
     shards = demo_shards["pretrain"]
     common = ["--recipe", RECIPE, "--shards", str(shards), *TINY]
@@ -90,6 +92,7 @@ def _job(shards, out, overrides=(), **kw):
     return training_job("pretrain", section, model, config, shards, out, **kw)
 
 
+@pytest.mark.integration
 def test_a_split_named_validation_validates_the_run(demo_shards, tmp_path):
     """HF datasets call the held-out split "validation": shards of it are used as "val"."""
     import shutil
@@ -102,6 +105,7 @@ def test_a_split_named_validation_validates_the_run(demo_shards, tmp_path):
     assert "val_top1_raw" in result.metrics() and "val_nll_ema" in result.metrics()
 
 
+@pytest.mark.integration
 def test_the_phases_by_name_and_the_typed_result(demo_shards, tmp_path):
     """Trainer -> resume -> train -> finish, called one by one as `run` does; the result is a
     TrainResult (metrics only: no model, no accelerator in it); the engine writes the stage's
@@ -170,6 +174,7 @@ def test_a_step_waiting_for_data_gets_one_line_saying_what_to_raise():
     assert "decode=device" not in train.data_wait_hint(0.6, "finetune", device, (1, 2))
 
 
+@pytest.mark.integration
 def test_a_run_whose_step_waits_for_data_says_so_once(demo_shards, tmp_path):
     """DeepMind's examples made in the training process itself (no loader workers) for a tiny
     net: the step waits for its data most of the time; the run says so once and records it."""

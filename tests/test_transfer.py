@@ -97,6 +97,7 @@ def hub_cache(root, repo: str, folder) -> dict:
     return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(root), "HF_HOME": str(root / "home")}
 
 
+@pytest.mark.integration
 def test_hub_init_reads_an_offline_cache_and_names_a_missing_model(tmp_path, demo_shards):
     folder = tiny_model_dir(tmp_path / "model")
     env = hub_cache(tmp_path / "hf", "test-org/tiny-nfnet", folder)

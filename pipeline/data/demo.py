@@ -49,7 +49,7 @@ def write_digits(out: str | Path, size: int = 64, val_fraction: float = 0.2, see
                     folder.mkdir(parents=True, exist_ok=True)
                     for i in sorted(chosen):
                         pixels = (images[i] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-                        img = Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC)
+                        img = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC)
                         img.convert("RGB").save(folder / f"{i:04d}.jpg", quality=quality)
                     key = f"{part}/{split}"
                     counts[key] = counts.get(key, 0) + len(chosen)

@@ -19,6 +19,7 @@ from pipeline.data.source import (
     NameTable,
     Source,
     SourceError,
+    SourceSplit,
     is_image_name,
     read_class_list,
     resolve_path,
@@ -50,7 +51,8 @@ class _Ignored:
     """Non-image files: counted, a few kept as examples (there may be millions, e.g. .xml boxes)."""
 
     def __init__(self) -> None:
-        self.count, self.examples = 0, []
+        self.count = 0
+        self.examples: list[str] = []
 
     def add(self, name: str) -> None:
         self.count += 1
@@ -87,7 +89,8 @@ def open_folder(spec: str, section: ShardSection) -> Source:
                   if lay == "flat"}
     class_names, origin = _class_names(root, split_dirs, layouts, label_maps, section)
     index = {c: i for i, c in enumerate(class_names)}
-    splits, examples = {}, []
+    splits: dict[str, SourceSplit] = {}
+    examples: list[str] = []
     for split, d in split_dirs.items():
         ignored = _Ignored()
         if layouts[split] == "classes":

@@ -41,7 +41,7 @@ def crop_flip(images: list[torch.Tensor], crops: list[tuple[int, int, int, int, 
     out = torch.empty(len(images), 3, res, res, dtype=torch.uint8, device=dev)
     boxes = torch.tensor([(t, le, h, w, int(f)) for t, le, h, w, f in crops],
                          dtype=torch.long).to(dev, non_blocking=True)
-    for chunk in _chunks([tuple(img.shape[-2:]) for img in images]):
+    for chunk in _chunks([(img.shape[-2], img.shape[-1]) for img in images]):
         x = _padded([images[i] for i in chunk], dtype)                    # (k, 3, H, W)
         k, _, h, w = x.shape
         idx = torch.tensor(chunk).to(dev, non_blocking=True)
@@ -113,7 +113,9 @@ def _chunks(sizes: list[tuple[int, int]]) -> list[list[int]]:
     everything = list(range(len(sizes)))
     if 3 * len(sizes) * max(h for h, _ in sizes) * max(w for _, w in sizes) <= PAD_BUDGET:
         return [everything]
-    chunks, current, hmax, wmax = [], [], 0, 0
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    hmax, wmax = 0, 0
     for i in sorted(everything, key=lambda i: (sizes[i][0] * sizes[i][1], i)):
         h, w = sizes[i]
         if current and 3 * (len(current) + 1) * max(hmax, h) * max(wmax, w) > PAD_BUDGET:
