@@ -246,7 +246,7 @@ def fake_run(folder: Path, clip, batch: int, metrics: dict | None) -> Path:
     (folder / "recipe.resolved.yaml").write_text(yaml.safe_dump(
         {"pretrain": {"clip_factor": clip, "global_batch": batch},
          "resolved": {"lr": 0.1 * batch / 256, "total_steps": 40}}))
-    (folder / "model" / "config.json").write_text(json.dumps({"num_classes": 5}))
+    ModelConfig(architecture="dm_nfnet_f0", num_classes=5).save(folder / "model")
     if metrics is not None:
         (folder / "metrics.json").write_text(json.dumps(metrics))
     return folder
