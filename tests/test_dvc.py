@@ -71,8 +71,10 @@ def test_the_readme_demo_reaches_the_readme_figures(tmp_path):
     assert all(f"Running stage '{stage}'" in out for stage in STAGES)
     metrics = metrics_of(project)
     ev = metrics["runs/evaluate/metrics.json"]["data"]
-    assert ev["num_samples"] == 179 and ev["top1"] >= 95.0       # README: ~98% on digits 5-9
-    assert metrics["runs/pretrain/metrics.json"]["data"]["val_top1_ema"] >= 90.0
+    # README: 95.5% on digits 5-9 and 98.3% on 0-4 (2026-12-06); floors a few images below, since
+    # another CPU's kernels may round differently
+    assert ev["num_samples"] == 179 and ev["top1"] >= 93.0
+    assert metrics["runs/pretrain/metrics.json"]["data"]["val_top1_ema"] >= 95.0
 
 
 def test_dvc_repro_again_is_a_no_op_and_single_stages_run(clone, repro):
