@@ -256,8 +256,8 @@ class ModelConfig:
                "must be an integer", features)
         labels = data.get("label_names") or []
         _check(isinstance(labels, list), f"{source}: label_names", "must be a list", labels)
-        known = {"architecture", "num_classes", "model_args", "label_names", "num_features",
-                 "global_pool", "pretrained_cfg", "nfnet_pipeline"}
+        # the file's keys are the fields' names, except the lineage block's
+        known = ({f.name for f in dataclasses.fields(cls)} - {"lineage", "extra"}) | {"nfnet_pipeline"}
         return cls(architecture=data["architecture"], num_classes=data["num_classes"],
                    model_args=dict(data.get("model_args") or {}),
                    label_names=tuple(labels),

@@ -82,7 +82,7 @@ def timm_init(init: str) -> InitSource:
     spec = init[len("timm:"):]
     if "=" not in spec:
         raise ModelError("write timm:<architecture>=<weights.safetensors> (no download "
-                                   "happens: the weights must be a local file)")
+                         "happens: the weights must be a local file)")
     arch, path = spec.split("=", 1)
     if not timm.is_model(arch):
         near = timm.list_models(f"*{arch.split('.')[0][:12]}*")[:8]
@@ -180,11 +180,6 @@ def _with_num_classes(config: ModelConfig, state: dict[str, torch.Tensor]) -> Mo
     if isinstance(name, str) and f"{name}.weight" in state:
         return dataclasses.replace(config, num_classes=int(state[f"{name}.weight"].shape[0]))
     return config
-
-
-def pretrain_res(config: ModelConfig) -> int | None:
-    """The resolution the init weights were trained at, when the config records it."""
-    return config.pretrained_cfg.train_res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +296,7 @@ def _short(names: list[str], k: int = 5) -> str:
 def resolution_note(init_config: ModelConfig, section: FinetuneSection) -> str | None:
     """What fine-tuning does to the resolution, for the log (None when the init does not say
     what it was trained at)."""
-    before = pretrain_res(init_config)
+    before = init_config.pretrained_cfg.train_res
     if before is None:
         return None
     return (f"resolution: pretrained at {before} px -> fine-tuning at {section.train_res} px, "
@@ -319,14 +314,7 @@ def finetune_lineage(init_config: ModelConfig, init: str, weights_label: str,
                "init_weights": weights_label, "recipe": recipe_name}
     for k in ("step", "stage", "fingerprint"):
         lineage.pop(k, None)
-    before = pretrain_res(init_config)
+    before = init_config.pretrained_cfg.train_res
     if before is not None:
         lineage["init_res"] = before
     return lineage
-
-
-def init_crop_mode(config: ModelConfig) -> str:
-    """Evaluate as the pretrained model was: its crop mode (for an init without one, the default
-    of pipeline/model_config.py, as the evaluate stage reads it; a from-scratch init states its
-    variant's)."""
-    return config.pretrained_cfg.crop_mode

@@ -35,7 +35,6 @@ from pipeline.train_cli import Built, training_stage
 from pipeline.transfer import (
     build_finetune_model,
     finetune_lineage,
-    init_crop_mode,
     load_init,
     resolution_note,
 )
@@ -61,7 +60,9 @@ def build(args: argparse.Namespace, recipe: Recipe, section: TrainSection,
     config = ModelConfig.for_training(
         model, architecture=init_config.architecture, model_args=init_config.model_args,
         class_names=class_names, train_res=section.train_res, test_res=section.test_res,
-        crop_pct=section.crop_pct, crop_mode=init_crop_mode(init_config),
+        # evaluated as the init was (an init without a crop mode: model_config.py's default,
+        # as the evaluate stage reads it; a from-scratch init states its variant's)
+        crop_pct=section.crop_pct, crop_mode=init_config.pretrained_cfg.crop_mode,
         interpolation=section.augment.interpolation, lineage=lineage)
     return Built(model, config, src.fingerprint, messages + ([note] if note else []),
                  {"init": args.init})

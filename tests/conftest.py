@@ -19,8 +19,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from pipeline.model_config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -71,6 +75,14 @@ def stage_main(stage: str, argv: Sequence[str]) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
+def reset_accelerator_state() -> None:
+    """Forget accelerate's process-wide state, so that the next accelerator (a stage run in this
+    process, a test's own) is built from scratch."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def run_stage_in_process(stage: str, *args: str, check: bool = True, threads: int | None = None
                          ) -> subprocess.CompletedProcess:
     """`run_stage` without the interpreter start-up (about 7 s of imports a call on a 2-core CI
@@ -81,7 +93,7 @@ def run_stage_in_process(stage: str, *args: str, check: bool = True, threads: in
     import io
 
     import torch
-    from accelerate.state import AcceleratorState, GradientState
+
     out, err = io.StringIO(), io.StringIO()
     before = torch.get_num_threads()
     try:
@@ -90,8 +102,7 @@ def run_stage_in_process(stage: str, *args: str, check: bool = True, threads: in
             code = stage_main(stage, [str(a) for a in args]) or 0
     finally:                                  # the next run builds its own accelerator state
         torch.set_num_threads(before)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerator_state()
     p = subprocess.CompletedProcess([stage, *map(str, args)], code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"stages/{stage}.py {' '.join(map(str, args))} failed ({code}):\n"
@@ -146,22 +157,39 @@ def publish_section(*overrides: str):
     return load_recipe(ROOT / "recipes" / "demo.yaml", list(overrides)).publish
 
 
-def tiny_model_dir(folder: Path, seed: int = 0) -> Path:
-    """A tiny NFNet model folder as the finetune stage of the demo writes it (train 32 px, test
-    40 px, squash crop 1.0), untrained; its EMA weights differ from the raw ones."""
+def tiny_config(crop_pct: float | None = None, **lineage) -> ModelConfig:
+    """config.json of the tiny NFNet on LABELS as the demo's finetune stage writes it (train
+    32 px, test 40 px, squash; crop_pct None: squash's default)."""
     from pipeline.model_config import ModelConfig
+    from pipeline.variants import build_model
+    model, arch, args = build_model("tiny", len(LABELS), device="meta")
+    return ModelConfig.for_training(model, architecture=arch, model_args=args,
+                                    class_names=LABELS, train_res=32, test_res=40,
+                                    crop_pct=crop_pct, crop_mode="squash", interpolation="bicubic",
+                                    lineage={"variant": "tiny", **lineage})
+
+
+def tiny_model_dir(folder: Path, seed: int = 0) -> Path:
+    """A tiny NFNet model folder as the finetune stage of the demo writes it (tiny_config, crop
+    1.0), untrained; its EMA weights differ from the raw ones."""
     from pipeline.model_dir import save_model_dir
     from pipeline.variants import build_model
-    model, arch, args = build_model("tiny", len(LABELS), seed=seed)
+    model, _, _ = build_model("tiny", len(LABELS), seed=seed)
     ema, _, _ = build_model("tiny", len(LABELS), seed=seed + 1)
-    config = ModelConfig.for_training(model, architecture=arch, model_args=args,
-                                      class_names=LABELS, train_res=32, test_res=40, crop_pct=1.0,
-                                      crop_mode="squash", interpolation="bicubic",
-                                      lineage={"variant": "tiny", "recipe": "demo"})
-    return save_model_dir(folder, model, ema, config)
+    return save_model_dir(folder, model, ema, tiny_config(1.0, recipe="demo"))
 
 
-def training_job(stage: str, section, model, config, shards: Path, out: Path, **kw):
+def tiny_pretrain_job(section, shards: Path, out: Path, **kw):
+    """`training_job` for the tiny NFNet pretraining on 5 classes (tested at 32 px, crop 1.0)."""
+    from pipeline.model_config import ModelConfig, Preprocessing
+    from pipeline.variants import build_model
+    model, arch, args = build_model("tiny", 5, seed=section.seed)
+    config = ModelConfig(architecture=arch, model_args=args, num_classes=5,
+                         pretrained_cfg=Preprocessing(test_input_size=(3, 32, 32), crop_pct=1.0))
+    return training_job("pretrain", section, model, config, shards, out, **kw)
+
+
+def training_job(stage: str, section, model, config: ModelConfig, shards: Path, out: Path, **kw):
     """A pipeline.train.Job from shards on disk, made the way the training stages make it
     (pipeline/train_cli.py): the splits, the plan, the identity, config.json's run facts."""
     from pipeline import resume, runtime, train
@@ -249,7 +277,9 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--unit"):
-        dropped = [item for item in items if item.get_closest_marker("integration")]
+        kept, dropped = [], []
+        for item in items:
+            (dropped if item.get_closest_marker("integration") else kept).append(item)
         if dropped:
             config.hook.pytest_deselected(items=dropped)
-            items[:] = [item for item in items if not item.get_closest_marker("integration")]
+            items[:] = kept

@@ -2,7 +2,6 @@
 notes on what is missing or differs, whether an evaluation's record matches the model, and the
 data a run was sharded from (real manifests written by the manifest module)."""
 import dataclasses
-import json
 
 import yaml
 
@@ -17,18 +16,18 @@ from pipeline.lineage import (
     scored_record,
     shard_data,
 )
-from pipeline.model_config import ModelConfig
+from pipeline.model_config import ModelConfig, Preprocessing
 
 
 def model_folder(run, init=None, stage=None, test_res=40, crop_pct=1.0):
     """`<run>/model/config.json` (its required keys and what the lineage reads), and with `stage`
     the run's `<run>/recipe.resolved.yaml`."""
     (run / "model").mkdir(parents=True)
-    config = {"architecture": "dm_nfnet_f0", "num_classes": 3,
-              "pretrained_cfg": {"test_input_size": [3, test_res, test_res],
-                                 "test_crop_pct": crop_pct},
-              "nfnet_pipeline": {"init": str(init)} if init else {}}
-    (run / "model" / "config.json").write_text(json.dumps(config))
+    config = ModelConfig(architecture="dm_nfnet_f0", num_classes=3,
+                         pretrained_cfg=Preprocessing(test_input_size=(3, test_res, test_res),
+                                                      test_crop_pct=crop_pct),
+                         lineage={"init": str(init)} if init else {})
+    config.save(run / "model")
     if stage:
         (run / "recipe.resolved.yaml").write_text(yaml.safe_dump({"name": "demo", stage: {}}))
     return run / "model", ModelConfig.load(run / "model")

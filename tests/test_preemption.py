@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ONE_THREAD, ROOT, run, run_stage, run_stage_in_process, training_job
+from conftest import ONE_THREAD, ROOT, run, run_stage, run_stage_in_process, tiny_pretrain_job
 from pipeline import checkpoint as ckpt
 from pipeline import train
 from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
@@ -294,14 +294,8 @@ def test_a_second_ctrl_c_after_main_returned_still_exits_130(tmp_path):
 
 
 def _job(shards, out):
-    from pipeline.model_config import ModelConfig, Preprocessing
     from pipeline.recipe import load_recipe
-    from pipeline.variants import build_model
-    section = load_recipe(RECIPE, RUN).pretrain
-    model, arch, model_args = build_model("tiny", 5, seed=section.seed)
-    config = ModelConfig(architecture=arch, model_args=model_args, num_classes=5,
-                         pretrained_cfg=Preprocessing(test_input_size=(3, 32, 32), crop_pct=1.0))
-    return training_job("pretrain", section, model, config, shards, out)
+    return tiny_pretrain_job(load_recipe(RECIPE, RUN).pretrain, shards, out)
 
 
 def test_a_signal_during_a_checkpoint_write_lets_it_finish_and_stops_after_it(
@@ -534,9 +528,8 @@ def test_a_batch_handover_the_training_process_abandoned_prints_no_traceback(tmp
     it quiet; without the hook (control) multiprocessing prints the traceback."""
     script = tmp_path / "abandon.py"
     script.write_text(ABANDON)
-    done = subprocess.run([sys.executable, script, hook], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0 and done.stdout.strip() == "alive", done.stderr[-2000:]
+    done = run([sys.executable, script, hook], env={"PYTHONPATH": str(ROOT)}, timeout=60)
+    assert done.stdout.strip() == "alive", done.stderr[-2000:]
     if hook == "quiet":
         assert done.stderr == "", done.stderr[-2000:]
     else:

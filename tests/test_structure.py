@@ -13,6 +13,7 @@ import yaml
 from conftest import ROOT
 
 PIPELINE = ROOT / "pipeline"
+MODULES = sorted(PIPELINE.rglob("*.py"))        # pipeline/ is a namespace package: no __init__.py
 
 
 def module_file(name: str) -> Path | None:
@@ -28,18 +29,7 @@ def module_file(name: str) -> Path | None:
 
 def imports_of(path: Path) -> set[Path]:
     """Project modules `path` imports anywhere in its body (module level or inside functions)."""
-    found: set[Path] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            f = module_file(name)
-            if f is not None and f != path:
-                found.add(f)
-    return found
+    return {_module_of(t) for t in _imported(ast.parse(path.read_text())).values()} - {None, path}
 
 
 def closure(path: Path) -> set[Path]:
@@ -54,7 +44,7 @@ def closure(path: Path) -> set[Path]:
 
 
 def test_pipeline_has_no_import_cycle():
-    graph = {p: imports_of(p) for p in PIPELINE.rglob("*.py")}
+    graph = {p: imports_of(p) for p in MODULES}
     state: dict[Path, str] = {}
 
     def visit(p: Path, path: list[Path]) -> None:
@@ -159,13 +149,16 @@ def _definitions(tree: ast.Module) -> dict[str, ast.AST]:
     return defs
 
 
-def _imported(node: ast.AST) -> dict[str, str]:
-    """{name bound: the dotted thing it names} for the imports anywhere inside `node`."""
+def _imported(*nodes: ast.AST) -> dict[str, str]:
+    """{name bound: the dotted thing it names} for the imports anywhere inside `nodes`. A plain
+    `import a.b` binds `a`, and is kept under its full name too (a key no name can match), so
+    that the modules a file imports can be read from the values."""
     out = {}
-    for n in ast.walk(node):
+    for n in (n for node in nodes for n in ast.walk(node)):
         if isinstance(n, ast.Import):
             for a in n.names:
                 out[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                out[a.name] = a.name
         elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
             for a in n.names:
                 out[a.asname or a.name] = f"{n.module}.{a.name}"
@@ -196,11 +189,8 @@ class _File:
     def __init__(self, path: Path):
         self.tree = ast.parse(path.read_text())
         self.defs = _definitions(self.tree)
-        self.imports = _imported(ast.Module(body=[s for s in self.tree.body
-                                                  if isinstance(s, ast.Import | ast.ImportFrom)],
-                                            type_ignores=[]))
-        self.fixtures = {n.name for n in self.tree.body if isinstance(n, ast.FunctionDef)
-                         and any("fixture" in ast.unparse(d) for d in n.decorator_list)}
+        self.imports = _imported(*[s for s in self.tree.body
+                                   if isinstance(s, ast.Import | ast.ImportFrom)])
         self.marks: set[str] = set()
         for node in self.tree.body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark"
@@ -211,6 +201,8 @@ class _File:
 
 
 CONFTEST = _File(TESTS / "conftest.py")
+CONFTEST_FIXTURES = {n.name for n in CONFTEST.tree.body if isinstance(n, ast.FunctionDef)
+                     and any("fixture" in ast.unparse(d) for d in n.decorator_list)}
 
 
 def _reached(file: _File, test: ast.FunctionDef) -> set[str]:
@@ -235,7 +227,7 @@ def _reached(file: _File, test: ast.FunctionDef) -> set[str]:
                         todo.append((CONFTEST, CONFTEST.defs[leaf]))
             elif name in f.defs:
                 todo.append((f, f.defs[name]))
-            elif name in CONFTEST.fixtures:                 # a conftest fixture, by parameter
+            elif name in CONFTEST_FIXTURES:                 # a conftest fixture, by parameter
                 out.add(f"conftest.{name}")
                 todo.append((CONFTEST, CONFTEST.defs[name]))
     return out
@@ -269,8 +261,7 @@ def test_every_pipeline_module_is_used_by_a_unit_lane_test():
     """`pytest --unit` exercises every module: some test of the lane calls a name of it
     (directly, or through a helper of its file or of conftest.py), not only through a stage."""
     used = {m for names in unit_lane().values() for n in names if (m := _module_of(n))}
-    modules = {p for p in PIPELINE.rglob("*.py") if p.name != "__init__.py"}
-    missing = sorted(str(p.relative_to(ROOT)) for p in modules - used)
+    missing = sorted(str(p.relative_to(ROOT)) for p in set(MODULES) - used)
     assert not missing, (f"no unit-lane test uses {missing}: add a small, fast test of it (real "
                          f"tensors, tars in tmp_path, a tiny model), not marked integration")
 
@@ -289,7 +280,6 @@ def test_the_readme_layout_names_every_module():
     """README.md's Layout section has a line for every module of pipeline/ (drift check)."""
     text = (ROOT / "README.md").read_text()
     layout = text[text.index("## Layout"):text.index("## Tests")]
-    missing = sorted(str(p.relative_to(ROOT)) for p in PIPELINE.rglob("*.py")
-                     if p.name != "__init__.py"
-                     and not re.search(rf"(?<![\w.]){re.escape(p.name)}", layout))
+    missing = sorted(str(p.relative_to(ROOT)) for p in MODULES
+                     if not re.search(rf"(?<![\w.]){re.escape(p.name)}", layout))
     assert not missing, f"README.md's Layout section does not name {missing}"

@@ -8,11 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ONE_THREAD, ROOT, run_stage, run_stage_in_process, training_job
+from conftest import ONE_THREAD, ROOT, run_stage, run_stage_in_process, tiny_pretrain_job
 from pipeline import train
 from pipeline.batchnorm import train_mode
 from pipeline.checkpoint import CheckpointError
-from pipeline.model_config import ModelConfig, Preprocessing
 from pipeline.plan import make_plan
 from pipeline.preemption import RunControl
 from pipeline.recipe import load_recipe
@@ -86,10 +85,7 @@ def _job(shards, out, overrides=(), **kw):
                                    "pretrain.global_batch=32", "pretrain.micro_batch=16",
                                    "pretrain.loader.num_workers=0",
                                    "pretrain.trackers=[]", *overrides]).pretrain
-    model, arch, args = build_model("tiny", 5, seed=section.seed)
-    config = ModelConfig(architecture=arch, model_args=args, num_classes=5,
-                         pretrained_cfg=Preprocessing(test_input_size=(3, 32, 32), crop_pct=1.0))
-    return training_job("pretrain", section, model, config, shards, out, **kw)
+    return tiny_pretrain_job(section, shards, out, **kw)
 
 
 @pytest.mark.integration

@@ -30,8 +30,8 @@ def _finite(x: Any) -> bool:
 
 def read_run(run: str | Path) -> dict[str, Any]:
     """A pretrain/finetune output folder: its resolved recipe section, derived values,
-    metrics.json (None if the run left none), its model's config.json (a ModelConfig, None if the
-    run left no model) and the class count of its model."""
+    metrics.json (None if the run left none) and the class count of its model (None if the run
+    left no model)."""
     run = Path(run)
     resolved_path = run / "recipe.resolved.yaml"
     if not resolved_path.is_file():
@@ -43,7 +43,7 @@ def read_run(run: str | Path) -> dict[str, Any]:
     config = ModelConfig.load(run / "model") if (run / "model" / CONFIG_NAME).is_file() else None
     return {"run": str(run), "stage": stage, "section": resolved[stage],
             "derived": resolved.get("resolved", {}), "metrics": metrics,
-            "num_classes": config.num_classes if config else None, "config": config}
+            "num_classes": config.num_classes if config else None}
 
 
 def divergence(metrics: dict | None, num_classes: int | None) -> str:
