@@ -16,6 +16,8 @@ Rows:
   floor_decode           + PIL decode                                                     images/s
   floor_decode_crop_flip + random-resized crop (bicubic) + flip, to a uint8 array: the
                          floor any CPU loader pays per image                              images/s
+  floor_rows_crop_flip   the same, decoding only the rows the crop needs (as our loader
+                         does: pipeline/data/samples.py, open_rows)                      images/s
   floor_timm_ra          + timm's RandAugment (the recipe's layers and magnitude)         images/s
   ours_deepmind          our DataLoader, DeepMind's mode: disjoint pairs (2 images per
                          example), mixing, then DeepMind's RandAugment per example        examples/s
@@ -26,7 +28,10 @@ Rows:
                          FastCollateMixup on the same shards, timm's RandAugment with the
                          recipe's layers and magnitude                                   examples/s
 Ratios: ours_deepmind against the floor for two images (floor_decode_crop_flip / 2), and
-ours_in_batch against timm_loader.
+ours_in_batch against timm_loader: the ratio of the rows' medians, and the median of the rounds'
+own ratios. Within a round, floor_decode_crop_flip is measured twice, just before and just after
+ours_deepmind, and the round's ratio uses their mean (a machine busy for a few seconds then
+moves both sides alike); the table's floor_decode_crop_flip is the first measurement.
 """
 from __future__ import annotations
 
@@ -60,7 +65,8 @@ from pipeline.recipe import load_recipe  # noqa: E402
 
 WARMUP = 6     # fetches before measuring: a fresh worker's first fetches pay copy-on-write faults
 UNITS = {"floor_tar_sha": "images/s", "floor_decode": "images/s",
-         "floor_decode_crop_flip": "images/s", "floor_timm_ra": "images/s",
+         "floor_decode_crop_flip": "images/s", "floor_rows_crop_flip": "images/s",
+         "floor_timm_ra": "images/s",
          "ours_deepmind": "examples/s", "ours_in_batch": "examples/s",
          "ours_device_worker": "examples/s", "timm_loader": "examples/s"}
 
@@ -90,13 +96,19 @@ def settled() -> float:
         last = now
 
 
-def floors(split, n: int, res: int, layers: int, magnitude: int) -> dict[str, float]:
-    """Images/s of each floor: the same n samples through ever more of the work."""
+def floors(split, n: int, res: int, layers: int, magnitude: int,
+           rows: tuple[str, ...] = tuple(k for k in UNITS if k.startswith("floor"))
+           ) -> dict[str, float]:
+    """Images/s of each floor in `rows`: the same n samples through ever more of the work."""
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from pipeline.data.examples import inception_crop
+    from pipeline.data.samples import jpeg_frame, open_rows
     rrc = RandomResizedCropAndInterpolation(res, scale=(0.08, 1.0), interpolation="bicubic")
     ra = rand_augment_transform(f"rand-m{magnitude}-n{layers}-mmax{max(10, magnitude)}-p1.0",
                                 {"translate_const": int(res * 0.45), "img_mean": (124, 116, 104)})
+    rng = random.Random(0)
 
     def run(decode: bool, crop: bool, augment: bool) -> float:
         t = cpu_seconds()
@@ -114,9 +126,25 @@ def floors(split, n: int, res: int, layers: int, magnitude: int) -> dict[str, fl
                     img = ra(img)
                 np.asarray(img)
         return n / (cpu_seconds() - t)
-    return {"floor_tar_sha": run(False, False, False), "floor_decode": run(True, False, False),
-            "floor_decode_crop_flip": run(True, True, False),
-            "floor_timm_ra": run(True, True, True)}
+
+    def rows_only() -> float:            # the crop drawn from the header, then only its rows
+        t = cpu_seconds()
+        for _, raw in iter_order(split, 0, 0, 512, [(0, n)]):
+            frame = jpeg_frame(raw["jpg"])
+            top, left, h, w = inception_crop(rng, frame.height, frame.width, (0.08, 1.0))
+            img = open_rows(raw["jpg"], top + h)
+            img = img.convert("RGB") if img.mode != "RGB" else img
+            img = img.crop((left, top, left + w, top + h)).resize((res, res), Image.Resampling.BICUBIC)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            np.asarray(img)
+        return n / (cpu_seconds() - t)
+    how = {"floor_tar_sha": lambda: run(False, False, False),
+           "floor_decode": lambda: run(True, False, False),
+           "floor_decode_crop_flip": lambda: run(True, True, False),
+           "floor_rows_crop_flip": rows_only,
+           "floor_timm_ra": lambda: run(True, True, True)}
+    return {k: how[k]() for k in rows}
 
 
 def ours(split, section, pairs: str, order: str, sub_batch: int, fetches: int,
@@ -190,10 +218,13 @@ def main(argv=None) -> int:
     n_floor = min(split.num_samples, 2 * args.batch * args.fetches)
     aug = section.augment
     rows: dict[str, list[float]] = {k: [] for k in UNITS}
+    after: list[float] = []           # floor_decode_crop_flip again, right after ours_deepmind
     for r in range(args.rounds):
         got = floors(split, n_floor, section.train_res, aug.randaugment_layers,
                      aug.randaugment_magnitude)
         got["ours_deepmind"] = ours(split, section, "disjoint", "after_mix", args.batch, args.fetches)
+        after.append(floors(split, n_floor, section.train_res, 0, 0, ("floor_decode_crop_flip",))
+                     ["floor_decode_crop_flip"])
         got["timm_loader"] = timm_loader(shards, section, args.batch, args.fetches)
         got["ours_in_batch"] = ours(split, section, "in_batch", "before_mix", args.batch, args.fetches)
         got["ours_device_worker"] = ours(split, section, "disjoint", "after_mix", args.batch,
@@ -206,11 +237,13 @@ def main(argv=None) -> int:
     two_image_floor = med["floor_decode_crop_flip"] / 2
     # the ratios of the medians, and the median of each round's ratio (rows of a round ran
     # minutes apart at most: a busy machine moves both sides of a round's ratio alike)
-    per_round = [2 * o / f for o, f in zip(rows["ours_deepmind"], rows["floor_decode_crop_flip"])]
+    per_round = [4 * o / (f + g) for o, f, g in
+                 zip(rows["ours_deepmind"], rows["floor_decode_crop_flip"], after)]
     per_round_timm = [o / t for o, t in zip(rows["ours_in_batch"], rows["timm_loader"])]
     ratios = {"ours_deepmind_vs_floor": med["ours_deepmind"] / two_image_floor,
               "ours_in_batch_vs_timm": med["ours_in_batch"] / med["timm_loader"],
               "ours_deepmind_vs_floor_per_round": statistics.median(per_round),
+              "ours_deepmind_vs_rows_floor": med["ours_deepmind"] / (med["floor_rows_crop_flip"] / 2),
               "ours_in_batch_vs_timm_per_round": statistics.median(per_round_timm)}
     cpu = platform.processor() or platform.machine()
     print(f"\n{args.recipe} at {section.train_res} px, one core ({cpu}), "
@@ -223,9 +256,12 @@ def main(argv=None) -> int:
     print(f"ours_deepmind / floor (2 images): {ratios['ours_deepmind_vs_floor']:.2f}x (median of the "
           f"rounds' ratios {ratios['ours_deepmind_vs_floor_per_round']:.2f}x)   ours_in_batch / "
           f"timm_loader: {ratios['ours_in_batch_vs_timm']:.2f}x "
-          f"({ratios['ours_in_batch_vs_timm_per_round']:.2f}x)")
+          f"({ratios['ours_in_batch_vs_timm_per_round']:.2f}x)\n"
+          f"ours_deepmind / floor decoding only the crops' rows (2 images): "
+          f"{ratios['ours_deepmind_vs_rows_floor']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({**med, **ratios, "rounds": rows, "units": UNITS,
+                                         "floor_decode_crop_flip_after": after,
                                          "recipe": args.recipe, "res": section.train_res,
                                          "batch": args.batch, "images": split.num_samples,
                                          "torch": torch.__version__}, indent=1) + "\n")

@@ -17,11 +17,12 @@ decode with libjpeg-turbo: tests/test_examples.py). The operations themselves ar
 (mixing.py, randaugment.py); each path applies them its way: one example at a time with numpy and
 PIL in a CPU worker, a whole micro-batch with torch gathers on the device.
 
-The CPU path (`loader.decode: cpu`): `image_cpu` per image as it is read (decoded and cropped at
-once, while its pixels are in the cache), then `build_cpu` per fetch, writing each example
-straight into the batch. The device path (`decode: device`): the worker passes the JPEG bytes
-and the draws (`batch.Encoded`); `build_device` makes the same examples on the GPU for a whole
-micro-batch, off the step's critical path (pipeline/data/prefetch.py).
+The CPU path (`loader.decode: cpu`): `image_cpu` per image as it is read (decoded down to its
+crop's last row only, samples.open_rows, and cropped at once, while its pixels are in the cache),
+then `build_cpu` per fetch, writing each example straight into the batch. The device path
+(`decode: device`): the worker passes the JPEG bytes and the draws (`batch.Encoded`);
+`build_device` makes the same examples on the GPU for a whole micro-batch, off the step's
+critical path (pipeline/data/prefetch.py).
 
 Order: crop and flip per image, then mixing, then RandAugment on each mixed example (DeepMind's
 `augment_before_mix=False`, `augment.randaugment_order: after_mix`), or RandAugment per image
@@ -58,7 +59,7 @@ from pipeline.data.mixing import (
     partners,
 )
 from pipeline.data.resize import crop_flip
-from pipeline.data.samples import decode
+from pipeline.data.samples import decode, open_rows
 from pipeline.recipe import AugmentSection
 
 PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -211,12 +212,13 @@ def draw(recipe: ExampleRecipe, samples: list[SampleInfo], images: list[ImageDra
 # The CPU path: one fetch in a loader worker
 # ------------------------------------------------------------------------------------------------
 
-def image_cpu(recipe: ExampleRecipe, img: Image.Image, d: ImageDraw) -> np.ndarray:
-    """One image (opened, not decoded) made ready to mix: decoded, cropped, resized, flipped
-    (and RandAugmented when that runs before mixing): uint8 (res, res, 3). One image at a time,
-    so its decoded pixels are still in the cache when they are cropped."""
+def image_cpu(recipe: ExampleRecipe, data: bytes, d: ImageDraw) -> np.ndarray:
+    """One image's bytes made ready to mix: decoded (only down to its crop's last row, as
+    samples.open_rows does), cropped, resized, flipped (and RandAugmented when that runs before
+    mixing): uint8 (res, res, 3). One image at a time, so its decoded pixels are still in the
+    cache when they are cropped."""
     top, left, h, w, flip = d.crop
-    out = decode(img).crop((left, top, left + w, top + h)).resize(
+    out = decode(open_rows(data, top + h)).crop((left, top, left + w, top + h)).resize(
         (recipe.res, recipe.res), PIL_RESAMPLE[recipe.interpolation])
     if flip:      # in PIL: a flipped numpy view would make every later copy 10x slower
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -245,13 +245,13 @@ class TrainStreams(IterableDataset):
         opened = [open_sample(raw, self.on_device) for raw in raws]
         problems = [problem for _, _, problem in opened]
         made: list = [None] * len(raws)        # per image: (its draw, its pixels on the CPU path)
-        for i, (img, _, problem) in enumerate(opened):
+        for i, (size, _, problem) in enumerate(opened):
             if problem:
                 continue
-            height, width = img if self.on_device else (img.height, img.width)
-            d = examples.draw_image(self.recipe, seeds[i], height, width)
+            d = examples.draw_image(self.recipe, seeds[i], *size)
             try:
-                made[i] = (d, None if self.on_device else examples.image_cpu(self.recipe, img, d))
+                pixels = None if self.on_device else examples.image_cpu(self.recipe, raws[i]["jpg"], d)
+                made[i] = (d, pixels)
             except Exception as e:               # a file whose header reads but pixels do not
                 problems[i] = problem_of(e)
         source = _replacements(problems)
