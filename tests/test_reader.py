@@ -186,3 +186,24 @@ def test_batches_mix_classes_and_follow_the_block_permutation(split):
                       PositionReader(split, shard_order(len(split.urls), 0, 0)).read(0, 50)]
     assert set(first.keys) <= set(in_shard_order)                  # drawn from the first block
     assert first.keys != in_shard_order[:32]                        # ... in a permuted order
+
+
+@pytest.mark.parametrize("damage", ["header cut after its frame", "pixels cut short"])
+def test_a_jpeg_whose_frame_reads_but_whose_image_does_not_is_replaced_and_named(split, damage):
+    """The CPU path takes a JPEG's size from its frame header and opens it only to decode its
+    crop's rows (samples.open_rows): bytes that PIL cannot open past the frame, or whose crop's
+    rows do not decode, are replaced like any unreadable sample, with PIL's reason."""
+    from pipeline.data.reader import StreamSample, iter_order
+    from pipeline.data.samples import jpeg_frame
+    raws = [raw for _, raw in itertools.islice(iter_order(split, 0, 0, 50, [(0, 4)]), 4)]
+    jpg = raws[1]["jpg"]
+    frame = jpeg_frame(jpg)
+    end = frame.height_at + 20 if damage.startswith("header") else jpg.index(b"\xff\xda") + 40
+    assert jpeg_frame(jpg[:end]) == frame                      # its size still reads
+    raws[1] = {**raws[1], "jpg": jpg[:end]}
+    batch = streams(split, Cursor(0, 0, 1), 0, 1, 1, 4).make_fetch(
+        [StreamSample(0, 0, i, i, raw) for i, raw in enumerate(raws)])
+    assert len(batch) == 4
+    (bad,) = batch.bad
+    assert bad.key == raws[1]["__key__"] and bad.replaced_by == raws[0]["__key__"]
+    assert bad.reason.startswith("cannot be decoded"), bad.reason

@@ -6,7 +6,9 @@ A training crop often ends well above an image's bottom row (an Inception crop's
 of the height on average), and a sequential JPEG is coded top to bottom: `open_rows` opens it as
 only the rows a crop needs, so that libjpeg decodes those and stops. Their pixels are the full
 decode's, bit for bit (tests/test_samples.py checks every chroma subsampling PIL writes), and the
-CPU path decodes ~15% fewer rows (benchmarks/RESULTS.md).
+CPU path decodes ~15% fewer rows (benchmarks/RESULTS.md). Bytes damaged below a crop then go
+unnoticed by that decode (the pixels used are intact): changed bytes are the manifest's sha256's
+to catch (pipeline/data/shard_reader.py), and the shard stage decoded every image whole.
 """
 from __future__ import annotations
 
