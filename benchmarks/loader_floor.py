@@ -131,7 +131,9 @@ def floors(split, n: int, res: int, layers: int, magnitude: int,
         t = cpu_seconds()
         for _, raw in iter_order(split, 0, 0, 512, [(0, n)]):
             frame = jpeg_frame(raw["jpg"])
-            top, left, h, w = inception_crop(rng, frame.height, frame.width, (0.08, 1.0))
+            height, width = (frame.height, frame.width) if frame else \
+                Image.open(io.BytesIO(raw["jpg"])).size[::-1]
+            top, left, h, w = inception_crop(rng, height, width, (0.08, 1.0))
             img = open_rows(raw["jpg"], top + h)
             img = img.convert("RGB") if img.mode != "RGB" else img
             img = img.crop((left, top, left + w, top + h)).resize((res, res), Image.Resampling.BICUBIC)

@@ -248,3 +248,15 @@ def test_resample_weights_are_pils_kernel_normalised_over_the_crop():
     same = resample_weights(torch.tensor([0]), torch.tensor([6]), 6, 6, "bicubic")[0]
     torch.testing.assert_close(same, torch.eye(6))                 # scale 1: the identity
     assert math.isclose(float(w.sum()), 4.0, rel_tol=1e-6)
+
+
+def test_a_crop_beyond_what_the_image_decodes_to_is_an_error_not_black_pixels(photo):
+    """PIL pads a crop outside its image with black; image_cpu refuses instead, so a size misread
+    from a header becomes a replaced sample, not a silently wrong example."""
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG")                                              # 160 x 120
+    inside = examples.ImageDraw((20, 10, 100, 150, False), [], None)
+    assert image_cpu(recipe_with(ra_layers=0), buf.getvalue(), inside).shape == (DM.res, DM.res, 3)
+    beyond = examples.ImageDraw((20, 10, 101, 150, False), [], None)    # one row too many
+    with pytest.raises(ValueError, match="160 x 120 px, smaller than its header says"):
+        image_cpu(recipe_with(ra_layers=0), buf.getvalue(), beyond)

@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from pipeline.data.samples import (
     ROW_MARGIN,
@@ -89,6 +89,8 @@ def test_the_rows_a_crop_needs_decode_to_the_full_images_pixels_and_no_further(s
         assert np.array_equal(np.asarray(img)[:rows], full[:rows]), rows
 
 
+@pytest.mark.skipif(not features.check_feature("libjpeg_turbo"),
+                    reason="libjpeg-turbo's chroma upsampling (IJG libjpeg 9 upsamples per block)")
 def test_without_the_margin_4_2_0_rows_would_differ():
     """Why ROW_MARGIN exists: a 4:2:0 JPEG cut right below row r - 1 changes that row for half
     of all r (its chroma is blended with a repeated row instead of the next one)."""
@@ -112,3 +114,19 @@ def test_what_cannot_be_cut_is_opened_whole():
     jpg = image_bytes(size=(64, 80))
     assert open_rows(jpg, 80 - ROW_MARGIN).size == (64, 80)       # nothing to save
     assert jpeg_frame(jpg[:100]) is None                          # cut inside its header
+
+
+def test_a_frame_header_is_read_only_where_it_is_certain():
+    """jpeg_frame gives the size PIL gives, past fill bytes; anything it cannot walk for certain
+    (no JPEG, a byte that is no marker, a height left to a DNL segment) is None: PIL decides."""
+    jpg = image_bytes(size=(40, 30))
+    assert jpeg_frame(jpg)[:2] == (30, 40)
+    filled = jpg[:2] + b"\xff\xff\xff" + jpg[2:]                   # fill bytes before a marker
+    assert jpeg_frame(filled)[:2] == (30, 40) and open_image(filled).size == (40, 30)
+    assert jpeg_frame(jpg[:2] + b"\xff\x00" + jpg[2:]) is None      # a stuffed zero: no marker
+    assert jpeg_frame(jpg[:2] + b"\xff\x01" + jpg[2:]) is None      # TEM: no segment length
+    assert jpeg_frame(b"\xff\xd8" + b"not a JPEG after all" * 5) is None
+    frame = jpeg_frame(jpg)
+    dnl = bytearray(jpg)
+    dnl[frame.height_at:frame.height_at + 2] = b"\x00\x00"              # height given later (DNL)
+    assert jpeg_frame(bytes(dnl)) is None

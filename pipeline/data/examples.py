@@ -218,7 +218,11 @@ def image_cpu(recipe: ExampleRecipe, data: bytes, d: ImageDraw) -> np.ndarray:
     mixing): uint8 (res, res, 3). One image at a time, so its decoded pixels are still in the
     cache when they are cropped."""
     top, left, h, w, flip = d.crop
-    out = decode(open_rows(data, top + h)).crop((left, top, left + w, top + h)).resize(
+    img = decode(open_rows(data, top + h))
+    if img.width < left + w or img.height < top + h:    # PIL would pad the crop with black
+        raise ValueError(f"the image decodes to {img.width} x {img.height} px, smaller than its "
+                         f"header says")
+    out = img.crop((left, top, left + w, top + h)).resize(
         (recipe.res, recipe.res), PIL_RESAMPLE[recipe.interpolation])
     if flip:      # in PIL: a flipped numpy view would make every later copy 10x slower
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

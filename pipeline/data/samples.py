@@ -7,8 +7,10 @@ of the height on average), and a sequential JPEG is coded top to bottom: `open_r
 only the rows a crop needs, so that libjpeg decodes those and stops. Their pixels are the full
 decode's, bit for bit (tests/test_samples.py checks every chroma subsampling PIL writes), and the
 CPU path decodes ~15% fewer rows (benchmarks/RESULTS.md). Bytes damaged below a crop then go
-unnoticed by that decode (the pixels used are intact): changed bytes are the manifest's sha256's
-to catch (pipeline/data/shard_reader.py), and the shard stage decoded every image whole.
+unnoticed by that decode (the pixels used are intact), so a damaged sample may be replaced in one
+epoch and not in the next, as its crop moves. The shard stage decoded every image whole, and a
+local shard read through is checked against the manifest's sha256 (pipeline/data/shard_reader.py);
+remote shards, and shards read in part, get no such check.
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
                 return None
             height, width = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
             return JpegFrame(height, width, i + 5, marker in SEQUENTIAL) if height and width else None
-        if marker == 0xDA or 0xD0 <= marker <= 0xD9:   # a scan, or a marker with no segment here
-            return None
+        if marker < 0xC0 or marker == 0xDA or 0xD0 <= marker <= 0xD9:
+            return None      # no marker (FF00, TEM, reserved), a scan, or one with no segment here
         i += 2 + ((data[i + 2] << 8) | data[i + 3])
     return None
 
