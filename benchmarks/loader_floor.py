@@ -57,10 +57,11 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.data.examples import ExampleRecipe  # noqa: E402
+from pipeline.data.examples import ExampleRecipe, draw_image, image_cpu  # noqa: E402
 from pipeline.data.loader import make_loader  # noqa: E402
 from pipeline.data.manifest import load_split  # noqa: E402
 from pipeline.data.reader import Cursor, TrainStreams, iter_order  # noqa: E402
+from pipeline.data.samples import open_sample  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 
 WARMUP = 6     # fetches before measuring: a fresh worker's first fetches pay copy-on-write faults
@@ -102,13 +103,9 @@ def floors(split, n: int, res: int, layers: int, magnitude: int,
     """Images/s of each floor in `rows`: the same n samples through ever more of the work."""
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.transforms import RandomResizedCropAndInterpolation
-
-    from pipeline.data.examples import inception_crop
-    from pipeline.data.samples import jpeg_frame, open_rows
     rrc = RandomResizedCropAndInterpolation(res, scale=(0.08, 1.0), interpolation="bicubic")
     ra = rand_augment_transform(f"rand-m{magnitude}-n{layers}-mmax{max(10, magnitude)}-p1.0",
                                 {"translate_const": int(res * 0.45), "img_mean": (124, 116, 104)})
-    rng = random.Random(0)
 
     def run(decode: bool, crop: bool, augment: bool) -> float:
         t = cpu_seconds()
@@ -127,19 +124,16 @@ def floors(split, n: int, res: int, layers: int, magnitude: int,
                 np.asarray(img)
         return n / (cpu_seconds() - t)
 
-    def rows_only() -> float:            # the crop drawn from the header, then only its rows
+    def rows_only() -> float:
+        # our loader's per-image work (examples.image_cpu: the crop drawn from the header, only
+        # its rows decoded, cropped, resized, flipped), with the floor's crop and no RandAugment
+        plain = ExampleRecipe(res, crop_scale=(0.08, 1.0), hflip=True, interpolation="bicubic",
+                              pairs="disjoint", mixup_alpha=0.0, cutmix_alpha=0.0, ra_layers=0,
+                              ra_magnitude=0, ra_ops="deepmind", ra_order="after_mix")
         t = cpu_seconds()
-        for _, raw in iter_order(split, 0, 0, 512, [(0, n)]):
-            frame = jpeg_frame(raw["jpg"])
-            height, width = (frame.height, frame.width) if frame else \
-                Image.open(io.BytesIO(raw["jpg"])).size[::-1]
-            top, left, h, w = inception_crop(rng, height, width, (0.08, 1.0))
-            img = open_rows(raw["jpg"], top + h)
-            img = img.convert("RGB") if img.mode != "RGB" else img
-            img = img.crop((left, top, left + w, top + h)).resize((res, res), Image.Resampling.BICUBIC)
-            if rng.random() < 0.5:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            np.asarray(img)
+        for i, (_, raw) in enumerate(iter_order(split, 0, 0, 512, [(0, n)])):
+            size, _, _ = open_sample(raw, complete_jpeg=False)
+            image_cpu(plain, raw["jpg"], draw_image(plain, i, *size))
         return n / (cpu_seconds() - t)
     how = {"floor_tar_sha": lambda: run(False, False, False),
            "floor_decode": lambda: run(True, False, False),

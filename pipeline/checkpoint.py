@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.files import atomic_dir
-from pipeline.model_dir import state_for_save, tensor_bytes
+from pipeline.model_dir import tensor_bytes, weights_bytes, write_weights
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -52,12 +52,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module,
     then delete all but the newest `keep` checkpoints."""
     root = Path(root)
     final = root / f"step-{step:08d}"
-    needs = tensor_bytes([m.state_dict() for m in (model, ema) if m is not None])
     with atomic_dir(final, what=f"the checkpoint of step {step}",
-                    needs=needs + tensor_bytes(train_state)) as tmp:
-        save_file(state_for_save(model), str(tmp / "model.safetensors"))    # one CPU copy at a time
-        if ema is not None:
-            save_file(state_for_save(ema), str(tmp / "ema.safetensors"))
+                    needs=weights_bytes(model, ema) + tensor_bytes(train_state)) as tmp:
+        write_weights(tmp, model, ema)
         with open(tmp / "train_state.pt", "wb") as f:     # a Python file: a full disk is an
             torch.save(train_state, f)                      # OSError (torch's own writer: none)
         if logs is not None and logs.is_dir():

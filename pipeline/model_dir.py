@@ -28,7 +28,7 @@ from pipeline.files import atomic_dir
 from pipeline.model_config import ModelConfig, ModelError
 
 
-def state_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
+def _state_for_save(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as safetensors takes it: contiguous CPU copies (it refuses shared or
     non-contiguous storage)."""
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
@@ -45,15 +45,25 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def weights_bytes(model: nn.Module, ema: nn.Module | None) -> int:
+    """What `write_weights` writes, less headers."""
+    return tensor_bytes([m.state_dict() for m in (model, ema) if m is not None])
+
+
+def write_weights(folder: Path, model: nn.Module, ema: nn.Module | None) -> None:
+    """model.safetensors (and ema.safetensors) into `folder`, one CPU copy at a time: the weights
+    of a model folder and of a training checkpoint (pipeline/checkpoint.py)."""
+    save_file(_state_for_save(model), str(folder / "model.safetensors"))
+    if ema is not None:
+        save_file(_state_for_save(ema), str(folder / "ema.safetensors"))
+
+
 def save_model_dir(out: str | os.PathLike, model: nn.Module, ema: nn.Module | None,
                    config: ModelConfig) -> Path:
     """Write weights and config.json into `out`, replacing the folder as a whole (files.atomic_dir:
     a crash or a full disk leaves the previous folder as it was)."""
-    needs = tensor_bytes([m.state_dict() for m in (model, ema) if m is not None])
-    with atomic_dir(out, what="the model folder", needs=needs) as tmp:
-        save_file(state_for_save(model), str(tmp / "model.safetensors"))   # one CPU copy at a time
-        if ema is not None:
-            save_file(state_for_save(ema), str(tmp / "ema.safetensors"))
+    with atomic_dir(out, what="the model folder", needs=weights_bytes(model, ema)) as tmp:
+        write_weights(tmp, model, ema)
         config.save(tmp)
     return Path(out)
 
@@ -61,14 +71,13 @@ def save_model_dir(out: str | os.PathLike, model: nn.Module, ema: nn.Module | No
 def weights_file(folder: str | os.PathLike, weights: str) -> Path:
     """`ema` or `raw` weights of a model folder (a published folder has only model.safetensors)."""
     folder = Path(folder)
-    name = "ema.safetensors" if weights == "ema" else "model.safetensors"
-    path = folder / name
+    path = folder / ("ema.safetensors" if weights == "ema" else "model.safetensors")
     if not path.is_file():
-        if weights == "ema" and (folder / "model.safetensors").is_file() and \
-                not (folder / "ema.safetensors").exists():
-            raise ModelError(f"{folder} has no EMA weights (ema.safetensors); use raw "
-                             f"weights (weights: raw) or a run with ema_decay set")
-        raise ModelError(f"{path} not found")
+        if weights == "ema" and (folder / "model.safetensors").is_file():
+            raise ModelError(f"{folder} has no EMA weights (ema.safetensors: the run had "
+                             f"ema_decay null); use the raw ones (weights: raw)")
+        raise ModelError(f"{path} not found; expected a model folder of the pretrain / finetune "
+                         f"stage or a published folder")
     return path
 
 
@@ -91,14 +100,7 @@ def model_weights(folder: str | os.PathLike, weights: str) -> tuple[Path, str, s
         return (folder / "model.safetensors", "published",
                 f"{folder} is a published folder: its model.safetensors are the published weights "
                 f"(publish.weights chose EMA or raw); using them for weights={weights}")
-    try:
-        return weights_file(folder, weights), weights, None
-    except ModelError as e:
-        if weights == "ema" and (folder / "model.safetensors").is_file():
-            raise ModelError(f"{folder} has no EMA weights (ema.safetensors: the run had "
-                             f"ema_decay null); use the raw ones (weights: raw)") from None
-        raise ModelError(f"{e}; expected a model folder of the pretrain / finetune stage or "
-                         f"a published folder") from None
+    return weights_file(folder, weights), weights, None
 
 
 def build_from_config(config: ModelConfig, num_classes: int | None = None,

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import ONE_THREAD, ROOT, run, run_stage, run_stage_in_process, tiny_pretrain_job
 from pipeline import checkpoint as ckpt
-from pipeline import train
+from pipeline import model_dir, train
 from pipeline.preemption import EXIT_ABORTED, EXIT_PREEMPTED
 from pipeline.run_lock import LOCK_NAME
 from pipeline.step import StepRunner
@@ -251,7 +251,7 @@ def test_a_second_ctrl_c_exits_130_before_during_and_after_the_stop_checkpoint(
                 os.kill(os.getpid(), signal.SIGINT)
             else:
                 # after the stop checkpoint's first weights file; after PREEMPTED.json
-                kill_at(*{"in the stop checkpoint": (ckpt, "save_file", "after"),
+                kill_at(*{"in the stop checkpoint": (model_dir, "save_file", "after"),
                           "after the stop checkpoint": (train, "atomic_write_text", "after")}[phase])
         return loss
     monkeypatch.setattr(StepRunner, "step", step_then_first_ctrl_c)
