@@ -16,8 +16,8 @@ Rows:
   floor_decode           + PIL decode                                                     images/s
   floor_decode_crop_flip + random-resized crop (bicubic) + flip, to a uint8 array: the
                          floor any CPU loader pays per image                              images/s
-  floor_rows_crop_flip   the same, decoding only the rows the crop needs (as our loader
-                         does: pipeline/data/samples.py, open_rows)                      images/s
+  floor_rows_crop_flip   the same, decoding only the rows the crop needs: our loader's own
+                         per-image work (examples.image_cpu), no RandAugment             images/s
   floor_timm_ra          + timm's RandAugment (the recipe's layers and magnitude)         images/s
   ours_deepmind          our DataLoader, DeepMind's mode: disjoint pairs (2 images per
                          example), mixing, then DeepMind's RandAugment per example        examples/s
